@@ -1,0 +1,59 @@
+"""streamssl's fused ops: the Python face.
+
+``backend()`` says which implementation serves: ``"cuda+cpu"`` (extension with CUDA kernels),
+``"cpu"`` (extension without CUDA) or ``"reference"`` (pure PyTorch; a single warning says why
+when this was not asked for with STREAMSSL_FORCE_REFERENCE=1). The extension is built on first use
+(see ``streamssl.ops._build``); importing this package builds nothing.
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+
+from . import _build, reference
+from .block_mask import causal_block_mask
+from .dwconv_ln import causal_dwconv_ln
+
+__all__ = ["backend", "causal_block_mask", "causal_dwconv_ln", "reference"]
+
+_lock = threading.Lock()
+_registered = False
+
+
+def backend() -> str:
+    """Which implementation serves the ops: "cuda+cpu", "cpu" or "reference".
+
+    The first call builds (or loads the cached) extension; later calls are free.
+    """
+    global _registered
+    name, reason = _build.load()
+    if _registered:
+        return name
+    with _lock:
+        if not _registered:
+            if reason is not None:
+                what = "using the pure-PyTorch reference ops (slow)" if name == "reference" else "warning"
+                warnings.warn(f"streamssl: {what}: {reason}", RuntimeWarning, stacklevel=2)
+            if name != "reference":
+                # Fake kernels and autograd formulas attach to ops the library defines.
+                from . import block_mask
+
+                block_mask.register_library_parts()
+            _registered = True
+    return name
+
+
+def uses_extension(*tensors) -> bool:
+    """Whether the compiled kernels serve these tensors (their device has a kernel)."""
+    name = backend()
+    if name == "reference":
+        return False
+    for t in tensors:
+        if t is None:
+            continue
+        if t.device.type == "cuda" and name != "cuda+cpu":
+            return False
+        if t.device.type not in ("cpu", "cuda", "meta"):
+            return False
+    return True

@@ -1,0 +1,147 @@
+"""Pure-PyTorch reference implementations of the streamssl ops.
+
+This file is the spec in code (DESIGN.md, "The ops"): readable, loop-friendly, and the fallback
+when no C++ compiler is available. The C++ and CUDA kernels are tested against it. It favours
+clarity over speed; the masking reference synchronises with the host, which the kernels never do.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+_M32 = 0xFFFFFFFF
+_PHILOX_MUL = (0xD2511F53, 0xCD9E8D57)
+_PHILOX_WEYL = (0x9E3779B9, 0xBB67AE85)
+
+
+def _mulhilo32(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """High and low 32-bit words of a * b for a 32-bit constant a and int64 tensor b < 2**32.
+
+    The product is assembled from 16-bit halves so no intermediate leaves int64's range.
+    """
+    a_lo, a_hi = a & 0xFFFF, a >> 16
+    b_lo, b_hi = b & 0xFFFF, b >> 16
+    mid = a_hi * b_lo + a_lo * b_hi  # < 2**33
+    low = a_lo * b_lo + ((mid & 0xFFFF) << 16)  # < 2**33
+    high = a_hi * b_hi + (mid >> 16) + (low >> 32)
+    return high & _M32, low & _M32
+
+
+def philox4x32_10(counter: tuple, key: tuple[int, int]) -> list[torch.Tensor]:
+    """Philox4x32-10 (Salmon et al. 2011) on int64 tensors holding uint32 values.
+
+    Args:
+        counter: four int64 tensors (or ints), broadcastable, each in [0, 2**32).
+        key: two ints in [0, 2**32).
+    Returns:
+        the four output words as int64 tensors in [0, 2**32).
+    """
+    c = [torch.as_tensor(w, dtype=torch.int64) for w in counter]
+    c = list(torch.broadcast_tensors(*c))
+    k0, k1 = key
+    for _ in range(10):
+        hi0, lo0 = _mulhilo32(_PHILOX_MUL[0], c[0])
+        hi1, lo1 = _mulhilo32(_PHILOX_MUL[1], c[2])
+        c = [hi1 ^ c[1] ^ k0, lo1, hi0 ^ c[3] ^ k1, lo0]
+        k0 = (k0 + _PHILOX_WEYL[0]) & _M32
+        k1 = (k1 + _PHILOX_WEYL[1]) & _M32
+    return c
+
+
+def mask_uniforms(seed: int, offset: int, b: int, starts: torch.Tensor) -> torch.Tensor:
+    """u(b, s) of the masking rule for the frames `starts` (int64, CPU) of utterance b: float64."""
+    seed %= 2**64
+    words = philox4x32_10((offset % 2**32, b, starts, 0), (seed & _M32, seed >> 32))
+    return (words[0] >> 8).to(torch.float64) * 2.0**-24
+
+
+def causal_block_mask(
+    feats: torch.Tensor,
+    lengths: torch.Tensor,
+    mask_embedding: torch.Tensor,
+    seed: int,
+    offset: int = 0,
+    *,
+    mask_prob: float = 0.01,
+    block_size: int = 40,
+    min_start: int = 16,
+    left_context: int = -1,
+    max_mask_ratio: float = 0.8,
+    align: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal block masking, written as the rule reads (DESIGN.md, "causal_block_mask").
+
+    Args:
+        feats: (B, T, F) float tensor.
+        lengths: (B,) int64 valid frames per utterance.
+        mask_embedding: (F,) the vector written into masked frames.
+        seed, offset: the mask is a pure function of (seed, offset, b, t, lengths).
+    Returns:
+        masked: (B, T, F) new tensor, feats with masked frames replaced by mask_embedding.
+        mask: (B, T) bool, True where masked.
+    """
+    B, T, _ = feats.shape
+    mask = torch.zeros(B, T, dtype=torch.bool)
+    for b, length in enumerate(lengths.cpu().tolist()):
+        L = min(max(length, 0), T)
+        first = max(min_start, 0)
+        first = -(-first // align) * align  # smallest multiple of align >= first
+        frames = torch.arange(first, L, align, dtype=torch.int64)
+        if frames.numel() == 0:
+            continue
+        starts = frames[mask_uniforms(seed, offset, b, frames) < mask_prob].tolist()
+        row = mask[b]
+        for s in starts:  # increasing s
+            e = min(s + block_size, L)
+            w = min(left_context, e) if left_context > 0 else e
+            trial = row.clone()
+            trial[s:e] = True
+            if int(trial[e - w : e].sum()) <= math.floor(max_mask_ratio * w):
+                row.copy_(trial)
+    mask = mask.to(feats.device)
+    masked = torch.where(mask.unsqueeze(-1), mask_embedding.to(feats.dtype), feats)
+    return masked, mask
+
+
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def causal_dwconv_ln(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    cache: torch.Tensor | None = None,
+    *,
+    eps: float = 1e-5,
+    activation: str | None = "swish",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal depthwise conv over time, LayerNorm over channels, Swish: the composition.
+
+    Args:
+        x: (B, T, C). weight: (C, K). bias: (C,) or None. ln_weight, ln_bias: (C,).
+        cache: (B, K-1, C), the K-1 frames before x; None means zeros.
+    Returns:
+        y: (B, T, C) in x's dtype (float32 accumulation; float64 for float64 inputs).
+        new_cache: (B, K-1, C), the last K-1 frames of cat(cache, x) (no gradient).
+    """
+    B, T, C = x.shape
+    K = weight.shape[1]
+    if cache is None:
+        cache = x.new_zeros(B, K - 1, C)
+    xp = torch.cat([cache.detach().to(x.dtype), x], dim=1)  # (B, T + K - 1, C)
+    acc = _accumulation_dtype(x.dtype)
+    z = F.conv1d(
+        xp.to(acc).transpose(1, 2),
+        weight.to(acc).unsqueeze(1),
+        None if bias is None else bias.to(acc),
+        groups=C,
+    ).transpose(1, 2)
+    h = F.layer_norm(z, (C,), ln_weight.to(acc), ln_bias.to(acc), eps)
+    y = F.silu(h) if activation == "swish" else h
+    return y.to(x.dtype), xp[:, T:].detach().clone()
