@@ -75,7 +75,7 @@ def test_loss_without_targets_is_zero_not_nan():
     logits = torch.randn(0, 1, 5, requires_grad=True)
     loss, acc = masked_prediction_loss(logits, torch.zeros(0, 1, dtype=torch.int64))
     loss.backward()
-    assert float(loss) == 0.0 and float(acc) == 0.0
+    assert loss.item() == 0.0 and acc.item() == 0.0
 
 
 def test_code_usage():
