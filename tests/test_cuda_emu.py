@@ -231,6 +231,40 @@ def test_warp_reduce_intrinsics(emu):
     assert np.array_equal(out.numpy().reshape(-1, 6), to_i32(ref))
 
 
+@pytest.mark.parametrize("schedule", DETERMINISTIC)
+def test_syncwarp_orders_shared_memory_within_a_warp(emu, schedule):
+    out = torch.full((64,), -7, dtype=torch.int32)
+    with emu.schedule(schedule):
+        emu.fn("emu_selftest_warp_exchange", out, 64, 0)
+    assert torch.equal(out, 3 * (torch.arange(64, dtype=torch.int32) ^ 1))
+
+
+def test_missing_syncwarp_is_exposed(emu):
+    """Lanes do not run in lockstep here (nor on GPUs since Volta): without __syncwarp, the first
+    lane of each pair reads its partner's slot before the partner wrote it."""
+    ref = 3 * (torch.arange(64, dtype=torch.int32) ^ 1)
+    for schedule, reader in [("forward", 0), ("reverse", 1)]:
+        out = torch.full((64,), -7, dtype=torch.int32)
+        with emu.schedule(schedule):
+            emu.fn("emu_selftest_warp_exchange", out, 64, 1)
+        wrong = out != ref
+        assert torch.equal(wrong, torch.arange(64) % 2 == reader), schedule
+        assert torch.all(out[wrong] == -1)  # the poison of unwritten shared memory
+
+
+@pytest.mark.parametrize("schedule", ["forward", "reverse", "random:0", "parallel"])
+@pytest.mark.parametrize("active", [1, 31, 33, 64])
+def test_exited_threads_do_not_hold_up_barriers(emu, schedule, active):
+    out = torch.full((3 * 64,), -7, dtype=torch.int32)
+    with emu.schedule(schedule):
+        emu.fn("emu_selftest_early_exit", out, 64, active)
+    rows = out.view(64, 3).numpy()
+    t = np.arange(active)
+    partner = np.where((t ^ 1) < active, t ^ 1, -1)  # an exited partner reads as poison
+    assert np.array_equal(rows[:active], np.stack([np.full(active, active), np.ones(active), partner], axis=1))
+    assert np.all(rows[active:] == -7)
+
+
 # ---------------------------------------------------------------------------------------------
 # Ballot, votes and reducing barriers; atomics; dynamic shared memory; indexing.
 # ---------------------------------------------------------------------------------------------

@@ -14,7 +14,10 @@
 //     All live lanes of the warp must take part: a mask that leaves out a live lane is reported
 //     (partial masks are not supported). Lanes that exited, or that do not exist in a partial last
 //     warp, are fine; reading from them gives a poison value of all-ones bytes.
-//   * Threads that exit no longer hold up __syncthreads or warp intrinsics (as on current GPUs).
+//   * Threads that have exited no longer hold up __syncthreads or warp intrinsics. That is what GPUs
+//     do in practice for `if (i >= n) return;` before a barrier; CUDA itself leaves a barrier that
+//     not every thread reaches undefined.
+//   * __CUDA_ARCH__ and __CUDACC__ are not defined: code behind them takes its host path here.
 //   * atomics (relaxed, as on the GPU), __ldg and the other cache-hint loads, bit intrinsics, the
 //     fast-math intrinsics (computed with the precise libm function), __half and __nv_bfloat16
 //     (bit-compatible; conversions round to nearest even exactly like cuda_fp16.h/cuda_bf16.h).
@@ -96,6 +99,7 @@
 #define __shared__ static  // blocks run one after another: a static is exactly block-shared
 #define __constant__ static
 #define __launch_bounds__(...)
+#define __align__(n) __attribute__((aligned(n)))
 
 #include "common/macros.h"
 
@@ -142,8 +146,8 @@ inline char4 make_char4(signed char x, signed char y, signed char z, signed char
 inline uchar4 make_uchar4(unsigned char x, unsigned char y, unsigned char z, unsigned char w) { return uchar4{x, y, z, w}; }
 
 // ------------------------------------------------------------------------------------------------
-// Built-in variables. threadIdx/blockIdx are per OS thread; blockDim/gridDim are per launch and
-// launches are serialised.
+// Built-in variables. threadIdx/blockIdx are per OS thread (the fiber schedules set the running
+// thread's copy at every switch); blockDim/gridDim are per launch, and launches are serialised.
 // ------------------------------------------------------------------------------------------------
 inline thread_local uint3 threadIdx{0, 0, 0};
 inline thread_local uint3 blockIdx{0, 0, 0};

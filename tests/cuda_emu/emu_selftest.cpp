@@ -116,6 +116,15 @@ CUDA_EMU_BINDING(emu_selftest_warp_reduce, const int32_t* x, int32_t* out, int64
   return cuda_emu::launch(st::warp_reduce_kernel, dim3(unsigned(n / 32)), dim3(32), 0, x, out);
 }
 
+CUDA_EMU_BINDING(emu_selftest_warp_exchange, int32_t* out, int64_t block, int64_t missing_syncwarp) {
+  if (block < 1 || block > 256 || block % 2) return cuda_emu::invalid_argument("block must be even and in [2, 256], got %lld", (long long)block);
+  return cuda_emu::launch(st::warp_exchange_kernel, dim3(1), dim3(unsigned(block)), 0, out, int(missing_syncwarp));
+}
+
+CUDA_EMU_BINDING(emu_selftest_early_exit, int32_t* out, int64_t block, int64_t active) {
+  return cuda_emu::launch(st::early_exit_kernel, dim3(1), dim3(unsigned(block)), 0, out, int(active));
+}
+
 CUDA_EMU_BINDING(emu_selftest_tickets, int32_t* counter, int32_t* tickets, int64_t grid, int64_t block) {
   return cuda_emu::launch(st::ticket_kernel, dim3(unsigned(grid)), dim3(unsigned(block)), 0, counter, tickets);
 }

@@ -115,6 +115,16 @@ int selftest_warp_reduce(const int* x, int* out, int64_t n, void* stream) {
   return status();
 }
 
+int selftest_warp_exchange(int* out, unsigned block, int missing_syncwarp, void* stream) {
+  st::warp_exchange_kernel<<<1, block, 0, as_stream(stream)>>>(out, missing_syncwarp);
+  return status();
+}
+
+int selftest_early_exit(int* out, unsigned block, int active, void* stream) {
+  st::early_exit_kernel<<<1, block, 0, as_stream(stream)>>>(out, active);
+  return status();
+}
+
 int selftest_tickets(int* counter, int* tickets, unsigned grid, unsigned block, void* stream) {
   st::ticket_kernel<<<grid, block, 0, as_stream(stream)>>>(counter, tickets);
   return status();

@@ -305,7 +305,33 @@ __global__ void warp_reduce_kernel(const int* STREAMSSL_RESTRICT x, int* STREAMS
   }
 }
 
-// ---- 10. Schedule probe and deliberately broken synchronisation ------------------------------
+// ---- 10. __syncwarp, early exit -------------------------------------------------------------
+// Lanes swap values through shared memory: out[t] = 3 * (t ^ 1). Without the __syncwarp this is
+// the legacy "warp-synchronous" bug: it assumes lockstep, which no GPU since Volta guarantees.
+__global__ void warp_exchange_kernel(int* out, int missing_syncwarp) {
+  __shared__ int buf[256];
+  const int t = threadIdx.x;
+  buf[t] = 3 * t;
+  if (!missing_syncwarp) __syncwarp();
+  out[t] = buf[t ^ 1];
+}
+
+// Threads at or beyond `active` return at once; the rest still meet at barriers and shuffles.
+// out[3 * t]: __syncthreads_count(1), out[3 * t + 1]: __syncthreads_and(1),
+// out[3 * t + 2]: __shfl_xor_sync(t, 1) (poison -1 when the partner has exited).
+__global__ void early_exit_kernel(int* out, int active) {
+  const int t = threadIdx.x;
+  if (t >= active) return;
+  __syncthreads();
+  const int count = __syncthreads_count(1);
+  const int all = __syncthreads_and(1);
+  const int partner = __shfl_xor_sync(kFullMask, t, 1);
+  out[3 * t] = count;
+  out[3 * t + 1] = all;
+  out[3 * t + 2] = partner;
+}
+
+// ---- 11. Schedule probe and deliberately broken synchronisation ------------------------------
 // tickets[2 * g + p] = order in which thread g reached phase p (p = 0 before, 1 after a barrier).
 __global__ void ticket_kernel(int* counter, int* tickets) {
   const int64_t g = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
