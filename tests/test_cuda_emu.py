@@ -707,11 +707,10 @@ def test_selftest_kernels_compile_with_nvcc():
     stamp.write_text(" ".join(cmd) + "\n")
 
 
-def test_header_compiles_with_implicit_half_conversions():
+def test_header_compiles_with_implicit_half_conversions(tmp_path):
     """Without PyTorch's __CUDA_NO_HALF_* defines the 16-bit types gain CUDA's implicit conversions
     and operators; the header and the self-test kernels must compile in that configuration too."""
-    src = cache_dir() / "implicit_half_check.cpp"
-    src.parent.mkdir(parents=True, exist_ok=True)
+    src = tmp_path / "implicit_half_check.cpp"
     src.write_text(
         '#include "cuda_emu.h"\n#include "selftest_kernels.cuh"\n'
         "float f(__half a, __nv_bfloat16 b) {\n"
