@@ -4,7 +4,8 @@
 // single float64 operation (no fused multiply-add can change a result).
 //
 // Split of the work: a device decides *which* aligned frames draw a block start (Philox, fully
-// parallel; `draws_start` or a vectorised equivalent checked against it), then hands the drawn
+// parallel; `draws_start`, or `start_threshold` + `word_draws`, or a vectorised equivalent
+// checked against them), then hands the drawn
 // starts, in increasing order, to `BlockMaskScan::consider`, which applies the window cap. The
 // scan touches the mask row only through a `Row` policy (count / fill), so the CPU walks a plain
 // array while a CUDA warp counts and fills 32 frames per step; the arithmetic stays here.
@@ -24,22 +25,32 @@ constexpr int64_t kBlockMaskMaxFrames = int64_t{1} << 31;
 struct BlockMaskRule {
   uint32_t key0, key1;  // seed mod 2^32, seed >> 32
   uint32_t ctr0;        // offset mod 2^32
-  // u(b, s) < mask_prob, with u = (x >> 8) * 2^-24, holds iff (x >> 8) < start_threshold, where
-  // start_threshold = ceil(mask_prob * 2^24): multiplying by a power of two is exact in float64
-  // and, for an integer k and a real y, k < y iff k < ceil(y). So the float64 comparison of the
-  // spec becomes one integer comparison that vectorises; 0 means no frame draws, 2^24 all frames.
-  uint32_t start_threshold;
+  double mask_prob;
   double max_mask_ratio;
-  int64_t block_size;    // in [1, 2^31]
-  int64_t min_start;     // in [0, 2^31]: first frame that may start a block
+  int64_t block_size;    // >= 1 (make_block_mask_rule clamps it to 2^31)
+  int64_t min_start;     // >= 0: first frame that may start a block (clamped to 2^31)
   int64_t left_context;  // <= 0: the cap applies to the whole prefix
-  int64_t align;         // in [1, 2^31]
+  int64_t align;         // >= 1 (clamped to 2^31)
 
-  // Whether frame s of utterance b draws a block start (before the window cap is applied).
+  // Philox word of frame s of utterance b: counter (offset, b, s, 0), key (seed).
+  STREAMSSL_HD uint32_t start_word(int64_t b, int64_t s) const {
+    return philox4x32_10(ctr0, static_cast<uint32_t>(b), static_cast<uint32_t>(s), 0u, key0, key1)
+        .v[0];
+  }
+  // Whether frame s of utterance b draws a block start (before the window cap is applied), as
+  // the spec says it: u = (x >> 8) * 2^-24 compared with mask_prob in float64.
   STREAMSSL_HD bool draws_start(int64_t b, int64_t s) const {
-    const Philox4x32 r = philox4x32_10(ctr0, static_cast<uint32_t>(b), static_cast<uint32_t>(s),
-                                       0u, key0, key1);
-    return (r.v[0] >> 8) < start_threshold;
+    return philox_uniform24(start_word(b, s)) < mask_prob;
+  }
+  // The same test as one integer comparison, which vectorises and avoids float64 on GPUs:
+  // u < mask_prob  iff  (x >> 8) < start_threshold() = ceil(mask_prob * 2^24), because
+  // multiplying by a power of two is exact in float64 and, for an integer k and a real y,
+  // k < y iff k < ceil(y). 0 means no frame draws, 2^24 every frame.
+  STREAMSSL_HD uint32_t start_threshold() const {
+    return static_cast<uint32_t>(ceil(mask_prob * 16777216.0));
+  }
+  STREAMSSL_HD static bool word_draws(uint32_t word, uint32_t threshold) {
+    return (word >> 8) < threshold;
   }
   // First candidate frame: the smallest multiple of `align` that is >= min_start.
   STREAMSSL_HD int64_t first_start() const { return ((min_start + align - 1) / align) * align; }
@@ -73,7 +84,7 @@ STREAMSSL_HD BlockMaskRule make_block_mask_rule(int64_t seed, int64_t offset, do
   r.key0 = static_cast<uint32_t>(s);
   r.key1 = static_cast<uint32_t>(s >> 32);
   r.ctr0 = static_cast<uint32_t>(static_cast<uint64_t>(offset));
-  r.start_threshold = static_cast<uint32_t>(ceil(mask_prob * 16777216.0));
+  r.mask_prob = mask_prob;
   r.max_mask_ratio = max_mask_ratio;
   r.block_size = block_size < kBlockMaskMaxFrames ? block_size : kBlockMaskMaxFrames;
   r.min_start = min_start < kBlockMaskMaxFrames ? min_start : kBlockMaskMaxFrames;
@@ -142,12 +153,12 @@ struct SerialMaskRow {
   }
 };
 
-// Sequential reference scan of one utterance with the scalar Philox draw. `mask` (length >=
+// Sequential scan of one utterance with the scalar Philox draw, the rule at its plainest (the
+// C++ unit tests compare it with a literal transcription of DESIGN.md). `mask` (length >=
 // `length`, zero on entry) receives 1 for masked frames.
 template <typename MaskT>
 STREAMSSL_HD void scan_block_mask(const BlockMaskRule& rule, int64_t b, int64_t length,
                                   MaskT* STREAMSSL_RESTRICT mask) {
-  if (rule.start_threshold == 0) return;
   SerialMaskRow<MaskT> row{mask};
   BlockMaskScan scan;
   for (int64_t s = rule.first_start(); s < length; s += rule.align) {

@@ -14,7 +14,7 @@ namespace streamssl {
 namespace cpu {
 namespace {
 
-// Candidate bits of n aligned frames with the scalar Philox of csrc/common, starting at lane i0.
+// Candidate bits of lanes [i0, n) with the scalar Philox and the float64 comparison of the spec.
 uint64_t candidate_bits_scalar(const BlockMaskRule& rule, int64_t b, int64_t s0, int i0, int n) {
   uint64_t bits = 0;
   for (int i = i0; i < n; ++i) {
@@ -39,10 +39,11 @@ __attribute__((target("avx2"))) inline void mulhilo_avx2(__m256i a, __m256i m, _
 // Bits of lanes [0, n - n % 8): 16 frames per step, then one group of 8 if left.
 __attribute__((target("avx2"))) uint64_t candidate_bits_avx2(const BlockMaskRule& rule, int64_t b,
                                                              int64_t s0, int n) {
+  // Integer form of u < mask_prob (BlockMaskRule::start_threshold); start_threshold <= 2^24 and
+  // (x >> 8) < 2^24, so a signed compare is exact.
   const __m256i mul0 = _mm256_set1_epi32(static_cast<int>(0xD2511F53u));
   const __m256i mul1 = _mm256_set1_epi32(static_cast<int>(0xCD9E8D57u));
-  // start_threshold <= 2^24, (x >> 8) < 2^24: a signed compare is exact.
-  const __m256i thr = _mm256_set1_epi32(static_cast<int>(rule.start_threshold));
+  const __m256i thr = _mm256_set1_epi32(static_cast<int>(rule.start_threshold()));
   const __m256i ctr0 = _mm256_set1_epi32(static_cast<int>(rule.ctr0));
   const __m256i ctr1 = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(b)));
   // Frame counters wrap mod 2^32 like the uint32 counter word; lanes at or past n are dropped.
@@ -95,7 +96,7 @@ bool cpu_has_avx2() {
 // Zeroes the mask row of utterance b and marks its accepted blocks.
 void scan_utterance(const BlockMaskRule& rule, int64_t b, int64_t length, int64_t T, bool* row) {
   std::memset(row, 0, static_cast<size_t>(T));
-  if (rule.start_threshold == 0) return;
+  if (rule.start_threshold() == 0) return;  // mask_prob below 2^-24: no frame can draw
   const int64_t n = rule.num_candidates(length);
   const int64_t first = rule.first_start();
   SerialMaskRow<bool> mask_row{row};

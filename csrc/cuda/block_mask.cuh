@@ -102,7 +102,8 @@ __global__ void block_mask_scan_kernel(BlockMaskRule rule, const int64_t* STREAM
   bool* row = mask + b * T;
   for (int64_t t = lane; t < T; t += 32) row[t] = false;
   __syncwarp();
-  if (rule.start_threshold == 0) return;
+  const uint32_t threshold = rule.start_threshold();  // integer form of u < mask_prob
+  if (threshold == 0) return;
   const int64_t length = clamp_length(lengths[b], T);
   const int64_t n = rule.num_candidates(length);
   const int64_t first = rule.first_start();
@@ -116,7 +117,8 @@ __global__ void block_mask_scan_kernel(BlockMaskRule rule, const int64_t* STREAM
 #pragma unroll
     for (int k = 0; k < kScanFramesPerLane; ++k) {
       const int64_t i = i0 + 32 * k + lane;
-      drawn[k] = rule.draws_start(b, first + i * rule.align) && i < n;
+      drawn[k] = BlockMaskRule::word_draws(rule.start_word(b, first + i * rule.align), threshold) &&
+                 i < n;
     }
     unsigned bits[kScanFramesPerLane];
 #pragma unroll
