@@ -28,13 +28,14 @@ void launch_write(const cuda_kernels::BlockMaskLaunchConfig& c, const void* feat
   const V* x = static_cast<const V*>(feats);
   const V* e = static_cast<const V*>(emb);
   V* y = static_cast<V*>(out);
-  const dim3 grid(static_cast<unsigned>(c.write_blocks)), block(c.write_threads);
   if (c.index32) {
-    cuda_kernels::block_mask_write_kernel<V, uint32_t><<<grid, block, c.smem_bytes, stream>>>(
-        x, e, mask, y, static_cast<uint32_t>(c.n_vecs), static_cast<uint32_t>(c.vecs_per_row));
+    cuda_kernels::block_mask_write_kernel<V, uint32_t>
+        <<<c.write_grid, c.write_block, c.smem_bytes, stream>>>(
+            x, e, mask, y, static_cast<uint32_t>(c.n_vecs), static_cast<uint32_t>(c.vecs_per_row));
   } else {
-    cuda_kernels::block_mask_write_kernel<V, uint64_t><<<grid, block, c.smem_bytes, stream>>>(
-        x, e, mask, y, static_cast<uint64_t>(c.n_vecs), static_cast<uint64_t>(c.vecs_per_row));
+    cuda_kernels::block_mask_write_kernel<V, uint64_t>
+        <<<c.write_grid, c.write_block, c.smem_bytes, stream>>>(
+            x, e, mask, y, static_cast<uint64_t>(c.n_vecs), static_cast<uint64_t>(c.vecs_per_row));
   }
 }
 
@@ -51,9 +52,8 @@ const char* launch_causal_block_mask(const void* feats, const int64_t* lengths,
   const cuda_kernels::BlockMaskLaunchConfig c = cuda_kernels::block_mask_launch_config(
       B, T, F, elem, reinterpret_cast<uintptr_t>(feats), reinterpret_cast<uintptr_t>(mask_embedding),
       reinterpret_cast<uintptr_t>(masked));
-  cuda_kernels::block_mask_scan_kernel<<<dim3(static_cast<unsigned>(c.scan_blocks)),
-                                         dim3(c.scan_threads), c.smem_bytes, s>>>(rule, lengths,
-                                                                                  mask, B, T);
+  cuda_kernels::block_mask_scan_kernel<<<c.scan_grid, c.scan_block, c.smem_bytes, s>>>(
+      rule, lengths, mask, B, T);
   if (c.n_vecs > 0) {
     switch (c.vec_bytes) {
       case 16:

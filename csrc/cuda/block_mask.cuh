@@ -40,23 +40,22 @@ struct alignas(8) Bytes8 {
 // Grid, block and dynamic shared memory of both kernels, and the write kernel's vector width,
 // from the sizes and the three data addresses; shared by the launcher and the emulator tests.
 struct BlockMaskLaunchConfig {
-  int64_t scan_blocks;
-  int scan_threads;
-  int64_t write_blocks;
-  int write_threads;
-  int vec_bytes;         // 16, 8, 4, 2 or 1
-  int64_t vecs_per_row;  // F * elem_size / vec_bytes
-  int64_t n_vecs;        // B * T * vecs_per_row
-  bool index32;          // the write kernel's indices fit uint32 (i + grid stride < 2^32)
-  int smem_bytes;        // dynamic shared memory of either kernel: none
+  dim3 scan_grid, scan_block;    // one warp per utterance
+  dim3 write_grid, write_block;  // grid-stride over the output's vectors
+  size_t smem_bytes;             // dynamic shared memory of either kernel: none
+  int vec_bytes;                 // 16, 8, 4, 2 or 1
+  int64_t vecs_per_row;          // F * elem_size / vec_bytes
+  int64_t n_vecs;                // B * T * vecs_per_row
+  bool index32;                  // the write kernel's indices fit uint32 (i + grid stride < 2^32)
 };
 
+// B <= 2^32 (checked in ops.cpp), so the scan grid of B / 4 blocks fits gridDim.x < 2^31.
 inline BlockMaskLaunchConfig block_mask_launch_config(int64_t B, int64_t T, int64_t F,
                                                       int64_t elem_size, uintptr_t feats,
                                                       uintptr_t emb, uintptr_t out) {
   BlockMaskLaunchConfig c;
-  c.scan_threads = 32 * kScanWarpsPerBlock;
-  c.scan_blocks = (B + kScanWarpsPerBlock - 1) / kScanWarpsPerBlock;
+  c.scan_block = dim3(32 * kScanWarpsPerBlock);
+  c.scan_grid = dim3(static_cast<unsigned>((B + kScanWarpsPerBlock - 1) / kScanWarpsPerBlock));
   const int64_t row_bytes = F * elem_size;
   c.vec_bytes = 16;
   while (c.vec_bytes > 1 && (row_bytes % c.vec_bytes != 0 || feats % c.vec_bytes != 0 ||
@@ -65,10 +64,11 @@ inline BlockMaskLaunchConfig block_mask_launch_config(int64_t B, int64_t T, int6
   }
   c.vecs_per_row = row_bytes / c.vec_bytes;
   c.n_vecs = B * T * c.vecs_per_row;
-  c.write_threads = kWriteThreads;
   const int64_t blocks = (c.n_vecs + kWriteThreads - 1) / kWriteThreads;
-  c.write_blocks = blocks < kMaxWriteBlocks ? blocks : kMaxWriteBlocks;
-  c.index32 = c.n_vecs + c.write_blocks * kWriteThreads < (int64_t{1} << 32);
+  const int64_t write_blocks = blocks < 1 ? 1 : (blocks < kMaxWriteBlocks ? blocks : kMaxWriteBlocks);
+  c.write_block = dim3(kWriteThreads);
+  c.write_grid = dim3(static_cast<unsigned>(write_blocks));
+  c.index32 = c.n_vecs + write_blocks * kWriteThreads < (int64_t{1} << 32);
   c.smem_bytes = 0;
   return c;
 }
@@ -92,7 +92,7 @@ struct WarpMaskRow {
   }
 };
 
-// grid: scan_blocks, block: scan_threads (kScanWarpsPerBlock warps; warp w of block k serves
+// grid: scan_grid, block: scan_block (kScanWarpsPerBlock warps; warp w of block k serves
 // utterance k * kScanWarpsPerBlock + w). Writes mask rows (B, T), all of them.
 __global__ void block_mask_scan_kernel(BlockMaskRule rule, const int64_t* STREAMSSL_RESTRICT lengths,
                                        bool* STREAMSSL_RESTRICT mask, int64_t B, int64_t T) {
@@ -134,7 +134,7 @@ __global__ void block_mask_scan_kernel(BlockMaskRule rule, const int64_t* STREAM
   }
 }
 
-// grid: write_blocks, block: write_threads. out[i] = mask[row(i)] ? emb[i mod vpr] : feats[i] over
+// grid: write_grid, block: write_block. out[i] = mask[row(i)] ? emb[i mod vpr] : feats[i] over
 // the n vectors of V bytes; Index is uint32_t when the config says the indices fit.
 template <typename V, typename Index>
 __global__ void block_mask_write_kernel(const V* STREAMSSL_RESTRICT feats,
