@@ -93,6 +93,19 @@ bool cpu_has_avx2() {
 }
 #endif
 
+// Candidate bits of 64 consecutive aligned frames s = s0 + i * rule.align (bit i set iff frame s
+// draws a block start); only the first n <= 64 bits are computed, the others are zero. AVX2
+// Philox with the integer threshold where the CPU has it, BlockMaskRule::draws_start (scalar
+// Philox, float64 comparison) otherwise and for the n % 8 tail, so tests exercise both forms.
+uint64_t candidate_bits(const BlockMaskRule& rule, int64_t b, int64_t s0, int n) {
+#ifdef STREAMSSL_X86_AVX2_DISPATCH
+  if (cpu_has_avx2()) {
+    return candidate_bits_avx2(rule, b, s0, n) | candidate_bits_scalar(rule, b, s0, n - n % 8, n);
+  }
+#endif
+  return candidate_bits_scalar(rule, b, s0, 0, n);
+}
+
 // Zeroes the mask row of utterance b and marks its accepted blocks.
 void scan_utterance(const BlockMaskRule& rule, int64_t b, int64_t length, int64_t T, bool* row) {
   std::memset(row, 0, static_cast<size_t>(T));
@@ -132,15 +145,6 @@ void write_rows(const char* x, const char* emb, const bool* m, char* y, int64_t 
 }
 
 }  // namespace
-
-uint64_t candidate_bits(const BlockMaskRule& rule, int64_t b, int64_t s0, int n) {
-#ifdef STREAMSSL_X86_AVX2_DISPATCH
-  if (cpu_has_avx2()) {
-    return candidate_bits_avx2(rule, b, s0, n) | candidate_bits_scalar(rule, b, s0, n - n % 8, n);
-  }
-#endif
-  return candidate_bits_scalar(rule, b, s0, 0, n);
-}
 
 void causal_block_mask(const at::Tensor& feats, const at::Tensor& lengths,
                        const at::Tensor& mask_embedding, const BlockMaskRule& rule,

@@ -14,11 +14,5 @@ void causal_block_mask(const at::Tensor& feats, const at::Tensor& lengths,
                        const at::Tensor& mask_embedding, const BlockMaskRule& rule,
                        at::Tensor& masked, at::Tensor& mask);
 
-// Candidate bits of 64 consecutive aligned frames s = s0 + i * rule.align (bit i set iff frame s
-// draws a block start); only the first n <= 64 bits are computed, the others are zero. Uses AVX2
-// Philox with the integer threshold where the CPU has it, and BlockMaskRule::draws_start (scalar
-// Philox, float64 comparison) otherwise and for the n % 8 tail, so tests exercise both forms.
-uint64_t candidate_bits(const BlockMaskRule& rule, int64_t b, int64_t s0, int n);
-
 }  // namespace cpu
 }  // namespace streamssl
