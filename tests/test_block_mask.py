@@ -155,6 +155,21 @@ def test_cpu_kernel_matches_reference_random():
 
 
 @needs_kernels
+@pytest.mark.parametrize("F,dtype", [(80, torch.float32), (81, torch.float32), (41, torch.float16)])
+def test_cpu_kernel_large_outputs(F, dtype):
+    """Outputs of 8 MiB and more take the streaming-store write path (rows a multiple of 16 bytes)
+    or the plain one (81 float32, 41 float16 rows); both are bit copies."""
+    B, T = 12, 2400  # 9.2 MB of float32 output at F = 80
+    feats, lengths, emb = make_inputs(B, T, F, dtype, lengths=[T, T - 1, 1500, 0] * 3)
+    masked, mask = kernel(feats, lengths, emb, 31, 2, mask_prob=0.02, left_context=300)
+    # The mask does not depend on F: the reference runs on one feature column.
+    full_ref = reference.causal_block_mask(feats[:, :, :1], lengths, emb[:1], 31, 2,
+                                           **{**DEFAULTS, "mask_prob": 0.02, "left_context": 300})[1]
+    assert torch.equal(mask, full_ref) and mask.float().mean() > 0.1
+    assert_bits_equal(masked, torch.where(mask.unsqueeze(-1), emb, feats))
+
+
+@needs_kernels
 def test_start_threshold_boundary():
     """u < mask_prob exactly at the 2^-24 grid: the kernels' integer threshold vs float64."""
     T = 2048

@@ -9,6 +9,10 @@
 #define STREAMSSL_X86_AVX2_DISPATCH 1
 #include <immintrin.h>
 #endif
+#if defined(__x86_64__) || defined(_M_X64)
+#define STREAMSSL_X86_SSE2_STREAM 1  // SSE2 is part of x86-64: no dispatch needed
+#include <emmintrin.h>
+#endif
 
 namespace streamssl {
 namespace cpu {
@@ -125,23 +129,60 @@ void scan_utterance(const BlockMaskRule& rule, int64_t b, int64_t length, int64_
   }
 }
 
+// Output copies at least this large bypass the caches (non-temporal stores): the output cannot
+// stay in the writing cores' caches anyway, and streaming stores save the read-for-ownership of
+// every destination line, a third of the memory traffic (B=32, T=2000, F=80 float32: 1.7x less
+// time for the write on the benchmark machine). Smaller outputs, e.g. streaming chunks, stay
+// cached for whoever reads them next.
+constexpr int64_t kStreamingBytes = int64_t{8} << 20;
+
+// dst[0, n) = src[0, n); dst 16-byte aligned, no alignment needed for src.
+void copy_bytes(char* dst, const char* src, size_t n, bool streaming) {
+#ifdef STREAMSSL_X86_SSE2_STREAM
+  if (streaming) {
+    size_t i = 0;
+    for (; i + 64 <= n; i += 64) {
+      const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
+      const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i + 16));
+      const __m128i c = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i + 32));
+      const __m128i d = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i + 48));
+      _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i), a);
+      _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i + 16), b);
+      _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i + 32), c);
+      _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i + 48), d);
+    }
+    for (; i + 16 <= n; i += 16) {
+      _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i),
+                       _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i)));
+    }
+    std::memcpy(dst + i, src + i, n - i);
+    return;
+  }
+#endif
+  std::memcpy(dst, src, n);
+}
+
 // Rows [r0, r1) of the flattened (B*T, row_bytes) output: runs of unmasked rows are contiguous in
-// both tensors and go out as one memcpy each (blocks are tens of frames long, so a handful of
-// calls per utterance); masked rows get the embedding.
+// both tensors and go out as one copy each (blocks are tens of frames long, so a handful of
+// copies per utterance); masked rows get the embedding. `streaming` needs 16-byte aligned rows.
 void write_rows(const char* x, const char* emb, const bool* m, char* y, int64_t r0, int64_t r1,
-                size_t row_bytes) {
+                size_t row_bytes, bool streaming) {
   int64_t r = r0;
   while (r < r1) {
     int64_t q = r + 1;
     if (!m[r]) {
       while (q < r1 && !m[q]) ++q;
-      std::memcpy(y + r * row_bytes, x + r * row_bytes, static_cast<size_t>(q - r) * row_bytes);
+      copy_bytes(y + r * row_bytes, x + r * row_bytes, static_cast<size_t>(q - r) * row_bytes,
+                 streaming);
     } else {
       while (q < r1 && m[q]) ++q;
-      for (int64_t i = r; i < q; ++i) std::memcpy(y + i * row_bytes, emb, row_bytes);
+      for (int64_t i = r; i < q; ++i) copy_bytes(y + i * row_bytes, emb, row_bytes, streaming);
     }
     r = q;
   }
+#ifdef STREAMSSL_X86_SSE2_STREAM
+  if (streaming) _mm_sfence();  // streaming stores are weakly ordered: publish them
+#endif
 }
 
 }  // namespace
@@ -166,8 +207,10 @@ void causal_block_mask(const at::Tensor& feats, const at::Tensor& lengths,
   const char* emb = static_cast<const char*>(mask_embedding.data_ptr());
   char* y = static_cast<char*>(masked.data_ptr());
   const int64_t grain = std::max<int64_t>(1, 65536 / static_cast<int64_t>(row_bytes));
+  const bool streaming = B * T * static_cast<int64_t>(row_bytes) >= kStreamingBytes &&
+                         row_bytes % 16 == 0 && reinterpret_cast<uintptr_t>(y) % 16 == 0;
   at::parallel_for(0, B * T, grain, [&](int64_t r0, int64_t r1) {
-    write_rows(x, emb, m, y, r0, r1, row_bytes);
+    write_rows(x, emb, m, y, r0, r1, row_bytes, streaming);
   });
 }
 
