@@ -3,7 +3,10 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
+#include <fstream>
+#include <string>
 
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
 #define STREAMSSL_X86_AVX2_DISPATCH 1
@@ -129,12 +132,42 @@ void scan_utterance(const BlockMaskRule& rule, int64_t b, int64_t length, int64_
   }
 }
 
-// Output copies at least this large bypass the caches (non-temporal stores): the output cannot
-// stay in the writing cores' caches anyway, and streaming stores save the read-for-ownership of
-// every destination line, a third of the memory traffic (B=32, T=2000, F=80 float32: 1.7x less
-// time for the write on the benchmark machine). Smaller outputs, e.g. streaming chunks, stay
-// cached for whoever reads them next.
-constexpr int64_t kStreamingBytes = int64_t{8} << 20;
+// Size of the last-level cache CPU 0 sees (Linux sysfs), or 32 MiB where that cannot be read.
+// STREAMSSL_CPU_LLC_BYTES overrides it (read once; the tests use it to force each write path).
+int64_t last_level_cache_bytes() {
+  static const int64_t bytes = [] {
+    if (const char* env = std::getenv("STREAMSSL_CPU_LLC_BYTES")) {
+      char* end = nullptr;
+      const long long v = std::strtoll(env, &end, 10);
+      if (end != env && *end == '\0' && v >= 0) return static_cast<int64_t>(v);
+    }
+    int64_t best_level = 0, best = int64_t{32} << 20;
+    for (int i = 0; i < 16; ++i) {
+      const std::string dir = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(i) + "/";
+      std::ifstream level_file(dir + "level"), size_file(dir + "size");
+      int64_t level = 0;
+      std::string size;
+      if (!(level_file >> level) || !(size_file >> size) || size.empty()) continue;
+      char* end = nullptr;
+      int64_t value = std::strtoll(size.c_str(), &end, 10);
+      if (*end == 'K') value <<= 10;
+      if (*end == 'M') value <<= 20;
+      if (*end == 'G') value <<= 30;
+      if (level > best_level && value > 0) best_level = level, best = value;
+    }
+    return best;
+  }();
+  return bytes;
+}
+
+// Whether the write should bypass the caches (non-temporal stores). When input plus output do
+// not fit in the last-level cache, output lines are evicted before anyone reads them, and the
+// read-for-ownership a normal store does first is a third of the memory traffic for nothing
+// (B=32, T=2000, F=80 float32: the write takes ~0.6x the time of a cached copy on the benchmark
+// machine). Smaller batches (streaming chunks, cache-resident data) use normal stores.
+bool use_streaming_stores(int64_t out_bytes) {
+  return 2 * out_bytes > last_level_cache_bytes();
+}
 
 // dst[0, n) = src[0, n); dst 16-byte aligned, no alignment needed for src.
 void copy_bytes(char* dst, const char* src, size_t n, bool streaming) {
@@ -207,7 +240,7 @@ void causal_block_mask(const at::Tensor& feats, const at::Tensor& lengths,
   const char* emb = static_cast<const char*>(mask_embedding.data_ptr());
   char* y = static_cast<char*>(masked.data_ptr());
   const int64_t grain = std::max<int64_t>(1, 65536 / static_cast<int64_t>(row_bytes));
-  const bool streaming = B * T * static_cast<int64_t>(row_bytes) >= kStreamingBytes &&
+  const bool streaming = use_streaming_stores(B * T * static_cast<int64_t>(row_bytes)) &&
                          row_bytes % 16 == 0 && reinterpret_cast<uintptr_t>(y) % 16 == 0;
   at::parallel_for(0, B * T, grain, [&](int64_t r0, int64_t r1) {
     write_rows(x, emb, m, y, r0, r1, row_bytes, streaming);
