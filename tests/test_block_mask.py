@@ -128,8 +128,18 @@ def test_cpu_kernel_matches_reference_edge_cases(case):
         _check_against_reference(B, T, F, lengths, params, dtype, seed, offset=i * 2**31 + 5, input_seed=i)
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: the CPU kernel then fuses scan and write for B >= 4 (it does so for
+    B >= 4 * threads), so B in {1, 2, 3} and B in {7, 65} cover both of its code paths."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @needs_kernels
-def test_cpu_kernel_matches_reference_random():
+def test_cpu_kernel_matches_reference_random(one_thread):
     """80 random draws of shape, dtype, lengths, seed, offset and every parameter."""
     rng = random.Random(2024)
     masked_any = 0
@@ -159,12 +169,14 @@ _LARGE_OUTPUT_CHECK = """
 import torch, streamssl.ops as ops
 from streamssl.ops import reference
 assert ops.backend() != "reference"
-B, T = 6, 900
-for F, dtype in ((80, torch.float32), (81, torch.float32), (40, torch.bfloat16), (41, torch.float16)):
+torch.set_num_threads(1)  # B = 6 fuses scan and write per utterance, B = 2 runs them in turn
+T = 900
+for B, F, dtype in ((6, 80, torch.float32), (2, 80, torch.float32), (6, 81, torch.float32),
+                    (2, 40, torch.bfloat16), (6, 41, torch.float16)):
     g = torch.Generator().manual_seed(F)
     feats = torch.randn(B, T, F, generator=g).to(dtype)
     emb = torch.randn(F, generator=g).to(dtype)
-    lengths = torch.tensor([T, T - 1, 700, 0, 5, 899])
+    lengths = torch.tensor([T, T - 1, 700, 0, 5, 899])[:B]
     p = dict(mask_prob=0.02, block_size=40, min_start=16, left_context=300, max_mask_ratio=0.8, align=1)
     masked, mask = torch.ops.streamssl.causal_block_mask(feats, lengths, emb, 31, 2, *p.values())
     # The mask does not depend on F: the reference runs on one feature column.
