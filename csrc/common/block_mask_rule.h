@@ -5,10 +5,10 @@
 //
 // Split of the work: a device decides *which* aligned frames draw a block start (Philox, fully
 // parallel; `draws_start`, or `start_threshold` + `word_draws`, or a vectorised equivalent
-// checked against them), then hands the drawn
-// starts, in increasing order, to `BlockMaskScan::consider`, which applies the window cap. The
-// scan touches the mask row only through a `Row` policy (count / fill), so the CPU walks a plain
-// array while a CUDA warp counts and fills 32 frames per step; the arithmetic stays here.
+// checked against them), then hands the drawn starts, in increasing order, to
+// `BlockMaskScan::consider`, which applies the window cap. The scan touches the mask row only
+// through a `Row` policy (count / fill), so the CPU walks a plain array while a CUDA warp counts
+// and fills 32 frames per step; the arithmetic stays here.
 #pragma once
 #include <math.h>
 #include <stdint.h>
