@@ -153,5 +153,49 @@ __global__ void block_mask_write_kernel(const V* STREAMSSL_RESTRICT feats,
   }
 }
 
+// Enqueues both kernels with `launch(kernel, grid, block, smem, args...)`, which returns 0 or an
+// error status: the .cu launcher passes a triple-chevron launch on its stream, the emulator
+// binding cuda_emu::launch, so both run the same kernels with the same configuration. Returns the
+// first nonzero status. `mask` gets (B, T) bools, `masked` (B, T, F) elements of elem_size bytes.
+template <typename V, typename Launch>
+inline int block_mask_enqueue_write(Launch& launch, const BlockMaskLaunchConfig& c, const void* feats,
+                                    const void* emb, const bool* mask, void* masked) {
+  const V* x = static_cast<const V*>(feats);
+  const V* e = static_cast<const V*>(emb);
+  V* y = static_cast<V*>(masked);
+  if (c.index32) {
+    return launch(block_mask_write_kernel<V, uint32_t>, c.write_grid, c.write_block, c.smem_bytes,
+                  x, e, mask, y, static_cast<uint32_t>(c.n_vecs),
+                  static_cast<uint32_t>(c.vecs_per_row));
+  }
+  return launch(block_mask_write_kernel<V, uint64_t>, c.write_grid, c.write_block, c.smem_bytes, x,
+                e, mask, y, static_cast<uint64_t>(c.n_vecs), static_cast<uint64_t>(c.vecs_per_row));
+}
+
+template <typename Launch>
+inline int block_mask_enqueue(Launch&& launch, const BlockMaskRule& rule, const void* feats,
+                              const int64_t* lengths, const void* emb, void* masked, bool* mask,
+                              int64_t B, int64_t T, int64_t F, int64_t elem_size) {
+  if (B == 0 || T == 0) return 0;
+  const BlockMaskLaunchConfig c = block_mask_launch_config(
+      B, T, F, elem_size, reinterpret_cast<uintptr_t>(feats), reinterpret_cast<uintptr_t>(emb),
+      reinterpret_cast<uintptr_t>(masked));
+  const int rc = launch(block_mask_scan_kernel, c.scan_grid, c.scan_block, c.smem_bytes, rule,
+                        lengths, mask, B, T);
+  if (rc != 0 || c.n_vecs == 0) return rc;
+  switch (c.vec_bytes) {
+    case 16:
+      return block_mask_enqueue_write<Bytes16>(launch, c, feats, emb, mask, masked);
+    case 8:
+      return block_mask_enqueue_write<Bytes8>(launch, c, feats, emb, mask, masked);
+    case 4:
+      return block_mask_enqueue_write<uint32_t>(launch, c, feats, emb, mask, masked);
+    case 2:
+      return block_mask_enqueue_write<uint16_t>(launch, c, feats, emb, mask, masked);
+    default:
+      return block_mask_enqueue_write<uint8_t>(launch, c, feats, emb, mask, masked);
+  }
+}
+
 }  // namespace cuda_kernels
 }  // namespace streamssl
