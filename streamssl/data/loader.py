@@ -1,0 +1,230 @@
+"""Batches of padded audio (+ noise crops) from a manifest index, in DataLoader workers.
+
+Workers read whole batches (a list of utterance indices from :class:`BucketBatchSampler`), so
+padding happens in the worker and the main process only receives tensors. The position saved in
+:meth:`AudioLoader.state_dict` counts batches *handed to the trainer*, not batches prefetched by
+workers, so a resumed run sees exactly the batches an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .audio import AudioReadError, load_audio
+from .manifest import ManifestIndex
+from .sampler import BucketBatchSampler
+
+__all__ = ["AudioBatchDataset", "AudioLoader", "build_loader"]
+
+log = logging.getLogger("streamssl.data")
+
+# Salt separating the noise-crop stream from the sampler's (seed, epoch) stream.
+_NOISE_SALT = 0x6E6F697365
+
+
+class AudioBatchDataset(Dataset):
+    """Map-style dataset whose items are whole batches.
+
+    ``dataset[(epoch, global_batch_id, position, indices)]`` returns a dict:
+        audio:          (B, N) float32, zero-padded.
+        audio_lengths:  (B,) int64.
+        indices:        (B,) int64, rows of the manifest index that were read.
+        noise:          (B, N) float32, only with a noise index: a crop per utterance of its length.
+        noise_lengths:  (B,) int64, 0 where the noise file could not be read.
+        skipped:        list of (path, reason) for files that failed (those rows are absent).
+        epoch, batch_id, position: ints identifying the batch.
+    Noise crops are drawn from ``numpy.random.default_rng([seed, epoch, global_batch_id, salt])``,
+    so they do not depend on the worker that reads them nor on the number of workers.
+    With ``strict=True`` an unreadable file raises :class:`AudioReadError` instead.
+    """
+
+    def __init__(self, index: ManifestIndex, noise_index: ManifestIndex | None = None, *,
+                 sample_rate: int = 16000, seed: int = 0, strict: bool = False):
+        self.index = index
+        self.noise_index = noise_index
+        self.sample_rate = int(sample_rate)
+        self.seed = int(seed)
+        self.strict = bool(strict)
+        if noise_index is not None:
+            self._noise_cum = np.cumsum(noise_index.durations)
+
+    def __len__(self) -> int:  # a DataLoader with batch_size=None never asks, but be honest
+        return len(self.index)
+
+    def _read(self, i: int, skipped: list) -> np.ndarray | None:
+        path = self.index.path(i)
+        try:
+            return load_audio(path, float(self.index.offsets[i]), float(self.index.durations[i]),
+                              self.sample_rate)
+        except AudioReadError as e:
+            if self.strict:
+                raise
+            skipped.append((e.path, e.reason))
+            return None
+
+    def _noise_crop(self, length: int, u_file: float, u_pos: float, skipped: list) -> np.ndarray | None:
+        nidx = self.noise_index
+        j = int(np.searchsorted(self._noise_cum, u_file * self._noise_cum[-1], side="right"))
+        j = min(j, len(nidx) - 1)
+        path = nidx.path(j)
+        sr = self.sample_rate
+        n_avail = int(round(float(nidx.durations[j]) * sr))
+        try:
+            if n_avail > length:
+                start = int(u_pos * (n_avail - length + 1))
+                x = load_audio(path, float(nidx.offsets[j]) + start / sr, length / sr, sr)
+            else:
+                x = load_audio(path, float(nidx.offsets[j]), float(nidx.durations[j]), sr)
+        except AudioReadError as e:
+            if self.strict:
+                raise
+            skipped.append((e.path, e.reason))
+            return None
+        if x.shape[0] < length:  # short noise file (or resampler rounding): loop it
+            x = np.tile(x, -(-length // x.shape[0]))
+        return x[:length]
+
+    def __getitem__(self, ref) -> dict:
+        epoch, batch_id, position, indices = ref
+        skipped: list[tuple[str, str]] = []
+        requested = np.asarray(indices).tolist()
+        kept, rows, waves = [], [], []
+        for row, i in enumerate(requested):
+            x = self._read(i, skipped)
+            if x is not None:
+                kept.append(i)
+                rows.append(row)
+                waves.append(x)
+        lengths = np.array([w.shape[0] for w in waves], dtype=np.int64)
+        n_max = int(lengths.max()) if len(waves) else 0
+        audio = np.zeros((len(waves), n_max), dtype=np.float32)
+        for r, w in enumerate(waves):
+            audio[r, :w.shape[0]] = w
+        out = {"audio": torch.from_numpy(audio), "audio_lengths": torch.from_numpy(lengths),
+               "indices": torch.tensor(kept, dtype=torch.int64)}
+        if self.noise_index is not None:
+            # One pair of draws per *requested* utterance, so the crops of the others do not
+            # depend on which files happened to fail.
+            rng = np.random.default_rng([self.seed, int(epoch), int(batch_id), _NOISE_SALT])
+            draws = rng.random((len(requested), 2))
+            noise = np.zeros_like(audio)
+            noise_lengths = np.zeros(len(waves), dtype=np.int64)
+            for r, (row, w) in enumerate(zip(rows, waves)):
+                x = self._noise_crop(w.shape[0], draws[row, 0], draws[row, 1], skipped)
+                if x is not None:
+                    noise[r, :x.shape[0]] = x
+                    noise_lengths[r] = x.shape[0]
+            out["noise"] = torch.from_numpy(noise)
+            out["noise_lengths"] = torch.from_numpy(noise_lengths)
+        out["skipped"] = skipped
+        out["epoch"] = int(epoch)
+        out["batch_id"] = int(batch_id)
+        out["position"] = int(position)
+        return out
+
+
+class _RefSampler:
+    """Feeds (epoch, global_batch_id, position, indices) refs from the batch sampler to the DataLoader."""
+
+    def __init__(self, sampler: BucketBatchSampler):
+        self.sampler = sampler
+
+    def __iter__(self):
+        start = self.sampler.position
+        for k, (epoch, gid, idx) in enumerate(self.sampler.iter_batches(), start=start):
+            yield epoch, gid, k, idx
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+def _identity(x):
+    return x
+
+
+class AudioLoader:
+    """Iterable over the batches of :class:`AudioBatchDataset`, resumable at consumed batches.
+
+    ``for batch in loader`` runs the rest of the current epoch and then advances to the next one
+    (a trainer that counts steps can simply loop ``while True: for batch in loader: ...``).
+    ``state_dict()`` = {"epoch", "position" (batches of the epoch already yielded on this rank),
+    "num_skipped", and the sampler's plan-defining settings}.
+    """
+
+    def __init__(self, dataset: AudioBatchDataset, sampler: BucketBatchSampler, *, num_workers: int = 0,
+                 pin_memory: bool = False, prefetch_factor: int | None = 2,
+                 persistent_workers: bool = True, multiprocessing_context=None):
+        self.dataset = dataset
+        self.sampler = sampler
+        self.num_workers = int(num_workers)
+        self.epoch = sampler.epoch
+        self.position = sampler.position
+        self.num_skipped = 0
+        kwargs = {}
+        if self.num_workers > 0:
+            kwargs = dict(prefetch_factor=prefetch_factor, persistent_workers=persistent_workers,
+                          multiprocessing_context=multiprocessing_context)
+        self._dl = DataLoader(dataset, sampler=_RefSampler(sampler), batch_size=None,
+                              collate_fn=_identity, num_workers=self.num_workers,
+                              pin_memory=pin_memory, **kwargs)
+
+    def __len__(self) -> int:
+        """Batches per epoch on this rank (whole current epoch)."""
+        return len(self.sampler.plan(self.epoch))
+
+    def set_epoch(self, epoch: int) -> None:
+        """Jump to the start of ``epoch``; a no-op when already in it (keeps a resumed position)."""
+        if int(epoch) != self.epoch:
+            self.epoch, self.position = int(epoch), 0
+
+    def __iter__(self) -> Iterator[dict]:
+        # Re-aim the sampler at what was consumed: whatever workers prefetched before is dropped.
+        self.sampler.load_state_dict({"epoch": self.epoch, "position": self.position})
+        epoch = self.epoch
+        for batch in self._dl:
+            self.position = batch["position"] + 1  # consumed once handed out
+            if batch["skipped"]:
+                self.num_skipped += len(batch["skipped"])
+                for path, reason in batch["skipped"]:
+                    log.warning("skipped unreadable audio %s: %s (%d skipped so far)", path, reason,
+                                self.num_skipped)
+            yield batch
+        self.epoch, self.position = epoch + 1, 0
+
+    def state_dict(self) -> dict:
+        state = self.sampler.state_dict()
+        state.update(epoch=self.epoch, position=self.position, num_skipped=self.num_skipped)
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state)  # validates the plan settings
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self.num_skipped = int(state.get("num_skipped", 0))
+
+
+def build_loader(index: ManifestIndex, noise_index: ManifestIndex | None = None, *,
+                 batch_seconds: float, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 num_workers: int = 0, sample_rate: int = 16000, num_buckets: int = 30,
+                 max_batch_size: int | None = None, shuffle: bool = True, strict: bool = False,
+                 pin_memory: bool = False, prefetch_factor: int | None = 2,
+                 multiprocessing_context=None) -> AudioLoader:
+    """Bucketed, sharded, resumable audio loader (see :class:`AudioBatchDataset` for the batch dict).
+
+    Args:
+        index: training utterances; noise_index: optional noise files (crops for augmentation).
+        batch_seconds: padded-seconds budget per batch (``B * max duration <= batch_seconds``).
+        seed: fixes the batch plan of every epoch and every noise crop.
+        rank, world_size: DDP sharding; each rank gets the same number of batches per epoch.
+        num_workers: DataLoader worker processes (0 reads in the calling process).
+        strict: raise on the first unreadable file instead of skipping and counting it.
+    """
+    sampler = BucketBatchSampler(index, batch_seconds, seed=seed, rank=rank, world_size=world_size,
+                                 num_buckets=num_buckets, max_batch_size=max_batch_size, shuffle=shuffle)
+    dataset = AudioBatchDataset(index, noise_index, sample_rate=sample_rate, seed=seed, strict=strict)
+    return AudioLoader(dataset, sampler, num_workers=num_workers, pin_memory=pin_memory,
+                       prefetch_factor=prefetch_factor, multiprocessing_context=multiprocessing_context)
