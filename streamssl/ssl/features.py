@@ -22,6 +22,7 @@ Definition (``LogMelFeatures``, defaults in brackets), for one utterance x[0..L)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -82,6 +83,29 @@ def mel_filterbank(sample_rate: int = 16000, n_fft: int = 512, n_mels: int = 80,
     return fb * (2.0 / (hi - lo))[None, :]
 
 
+@contextlib.contextmanager
+def _ieee_fp32_matmul():
+    """Full float32 matmuls inside, whatever the process chose for the rest of the model.
+
+    ``torch.set_float32_matmul_precision("high"/"medium")`` (common for training speed) turns
+    float32 matmuls into TF32 on CUDA and bf16 on oneDNN CPUs: ~1e-3 relative error in the mel
+    energies. Features are cheap and feed every target, so they keep IEEE float32.
+    """
+    saved = []
+    try:
+        for backend in (torch.backends.cuda.matmul, torch.backends.mkldnn.matmul):
+            if hasattr(backend, "fp32_precision"):
+                saved.append((backend, "fp32_precision", backend.fp32_precision))
+                backend.fp32_precision = "ieee"
+        if not saved:  # torch < 2.9: only the CUDA switch exists
+            saved.append((torch.backends.cuda.matmul, "allow_tf32", torch.backends.cuda.matmul.allow_tf32))
+            torch.backends.cuda.matmul.allow_tf32 = False
+        yield
+    finally:
+        for obj, name, value in reversed(saved):
+            setattr(obj, name, value)
+
+
 class LogMelFeatures(nn.Module):
     """Causal log-mel features (definition in the module docstring).
 
@@ -118,8 +142,8 @@ class LogMelFeatures(nn.Module):
         fb = mel_filterbank(sample_rate, n_fft, n_mels, fmin, self.fmax)
         # Derived from the config, so not saved; kept in float64 and cast per call.
         self.register_buffer("fb", torch.from_numpy(fb), persistent=False)
-        self.register_buffer("window", torch.hann_window(win_length, periodic=False, dtype=torch.float64),
-                             persistent=False)
+        window = torch.hann_window(win_length, periodic=False, dtype=torch.float64)
+        self.register_buffer("window", F.pad(window, (0, n_fft - win_length)), persistent=False)
         self.register_buffer("mean", torch.zeros(n_mels, dtype=torch.float32))
         self.register_buffer("std", torch.ones(n_mels, dtype=torch.float32))
         self._generators: dict[str, torch.Generator] = {}
@@ -182,11 +206,14 @@ class LogMelFeatures(nn.Module):
 
     def _spectral(self, y: torch.Tensor, n_frames: int) -> torch.Tensor:
         """Log-mel of the first n_frames frames of pre-emphasised, left-context-padded y."""
-        frames = y.unfold(1, self.win_length, self.hop_length)[:, :n_frames]  # (B, T, win)
-        win = self.window.to(y.dtype)
-        spec = torch.fft.rfft(frames * win, n=self.n_fft)
+        # Frames of n_fft samples times a window zero-padded to n_fft: the same FFT input as
+        # zero-padding each windowed frame, without rfft's internal pad copy (~2x faster on CPU).
+        y = F.pad(y, (0, self.n_fft - self.win_length))
+        frames = y.unfold(1, self.n_fft, self.hop_length)[:, :n_frames]  # (B, T, n_fft) view
+        spec = torch.fft.rfft(frames * self.window.to(y.dtype))
         power = spec.real.square() + spec.imag.square()
-        mel = torch.matmul(power, self.fb.to(y.dtype))
+        with _ieee_fp32_matmul():
+            mel = torch.matmul(power, self.fb.to(y.dtype))
         return torch.log(mel + self.log_floor)
 
     def _compute_dtype(self, audio: torch.Tensor) -> torch.dtype:
@@ -209,6 +236,9 @@ class LogMelFeatures(nn.Module):
                 x = x + self.dither * torch.randn(x.shape, generator=g, device=x.device, dtype=dtype)
             if T == 0:
                 return x.new_zeros(B, T_pad, self.n_mels), feat_lengths
+            # Zero the padding so nothing in it (not even a NaN) can reach a valid frame through
+            # the zero tail of the window.
+            x = x.masked_fill(torch.arange(N, device=x.device)[None, :] >= lengths[:, None], 0.0)
             # ctx zeros of left context plus the x[-1] = 0 of the pre-emphasis.
             xp = F.pad(x, (ctx + 1, 0))
             y = xp[:, 1:] - self.preemph * xp[:, :-1]
