@@ -21,6 +21,8 @@ never modified: the clean batch stays available for the quantizer targets.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -84,6 +86,11 @@ class NestAugment(nn.Module):
         if generator is not None and generator.device.type != dev.type:
             raise ValueError(f"generator: is on {generator.device}, the batch on {dev}")
 
+        if B == 0 or N == 0:
+            z = torch.zeros(B, dtype=torch.int64, device=dev)
+            info = {"kind": z, "seg_start": z, "seg_len": z, "partner": z - 1,
+                    "snr_db": torch.zeros(B, device=dev), "scale": torch.zeros(B, device=dev, dtype=audio.dtype)}
+            return (audio.clone(), info) if return_info else audio.clone()
         # Power sums in at least float32 (bf16/fp16 audio would lose the SNR).
         cdt = torch.float64 if audio.dtype == torch.float64 else torch.float32
         x = audio.to(cdt)
@@ -93,7 +100,12 @@ class NestAugment(nn.Module):
 
         mixed = (u_mix < self.prob) & (L > 0)
         if noise is not None:
-            nl = noise_lengths.clamp(0, noise.shape[1])
+            M = noise.shape[1]
+            if M < N:  # rare: pad so every gather below stays in range without clamping
+                noise = torch.nn.functional.pad(noise, (0, N - M))
+                M = N
+            # Only the first N noise samples are used (the loader crops noise to the utterance).
+            nl = noise_lengths.clamp(0, N)
             want_noise = (u_kind < self.noise_prob) & (nl > 0)
         else:
             nl = torch.zeros_like(L)
@@ -118,30 +130,37 @@ class NestAugment(nn.Module):
         hi = torch.where(is_noise, self.noise_snr[1], self.speech_snr[1])
         snr_db = lo + u_snr * (hi - lo)
 
+        # Work on (B, S) windows over the segments only. S bounds every seg_len from the shape
+        # alone (seg_len <= floor(ratio * N)), so sizing them needs no host synchronisation.
+        # Source positions stay below src_len <= N <= M, so the flat gathers need no clamping.
+        S = max(1, int(math.floor(self.segment_ratio * N)))
+        k = torch.arange(S, device=dev)
+        active = kind != KIND_NONE
+        valid = k[None, :] < torch.where(active, seg_len, 0)[:, None]          # (B, S)
+        dst = (seg_start[:, None] + k[None, :]).clamp_(max=N - 1)           # where each sample goes
         src_len = torch.where(is_noise, nl, L[partner]).clamp(min=1)
         src_start = torch.minimum((u_src * src_len.to(torch.float64)).long(), src_len - 1)
-        t = torch.arange(N, device=dev)
-        in_seg = (t[None, :] >= seg_start[:, None]) & (t[None, :] < (seg_start + seg_len)[:, None]) \
-            & (kind != KIND_NONE)[:, None]
-        src_pos = torch.remainder(src_start[:, None] + t[None, :] - seg_start[:, None], src_len[:, None])
-        # One gather from the rows [audio; noise] serves both kinds of interference.
+        src_pos = torch.remainder(src_start[:, None] + k[None, :], src_len[:, None])
+        # torch.take on flat indices: one kernel, no (B, S) broadcasting inside the gather.
+        rows = torch.arange(B, device=dev)
+        interf = torch.take(x, src_pos + (partner * N)[:, None])
         if noise is not None:
-            W = max(N, noise.shape[1])
-            src = torch.cat([torch.nn.functional.pad(x, (0, W - N)),
-                             torch.nn.functional.pad(noise.to(cdt), (0, W - noise.shape[1]))])
-            row = torch.where(is_noise, torch.arange(B, device=dev) + B, partner)
-        else:
-            W, src, row = N, x, partner
-        interf = src.reshape(-1)[row[:, None] * W + src_pos]
-        interf = interf * in_seg
+            from_noise = torch.take(noise.to(cdt), src_pos + (rows * M)[:, None])
+            interf = torch.where(is_noise[:, None], from_noise, interf)
+        interf = torch.where(valid, interf, 0.0)
+        clean = torch.where(valid, torch.take(x, dst + (rows * N)[:, None]), 0.0)
 
-        p_clean = (x * in_seg).square().sum(1)
+        p_clean = clean.square().sum(1)
         p_interf = interf.square().sum(1)  # same segment length: the 1/len cancels in the ratio
         ratio = p_clean / (p_interf * torch.pow(10.0, snr_db / 10.0).to(cdt))
-        ok = (p_clean > 0) & (p_interf > 0) & (kind != KIND_NONE)
+        ok = (p_clean > 0) & (p_interf > 0) & active
         scale = torch.where(ok, torch.sqrt(torch.where(ok, ratio, torch.ones_like(ratio))),
                             torch.zeros_like(ratio))
-        noisy = (x + scale[:, None] * interf).to(audio.dtype)
+        # Positions past a segment's end add exact zeros, so repeated (clamped) targets are harmless
+        # and the result does not depend on the order of the additions.
+        noisy = x.clone() if x is audio else x
+        noisy.scatter_add_(1, dst, scale[:, None] * interf)
+        noisy = noisy.to(audio.dtype)
         if not return_info:
             return noisy
         info = {"kind": kind, "seg_start": torch.where(kind != KIND_NONE, seg_start, 0),

@@ -4,8 +4,9 @@ A manifest line looks like ``{"audio_filepath": "a/b.wav", "duration": 3.2, "off
 "text": "..."}``; ``audio_filepath`` is absolute or relative to the manifest's directory,
 ``offset`` and ``text`` are optional and unknown keys are ignored.
 
-The index keeps one float64 per duration and offset, an int32 path id per utterance and all
-distinct paths in one UTF-8 byte buffer. No Python object exists per line, so a 100k-hour corpus
+The index keeps one float64 per duration and offset, an int32 path id per utterance and the
+paths in one UTF-8 byte buffer (consecutive repeats, e.g. segments of one recording, stored
+once). No Python object exists per line, so a 100k-hour corpus
 (tens of millions of lines) costs tens of bytes per utterance, and DataLoader workers forked from
 the trainer share the arrays instead of slowly copying them page by page (the reference counts
 of a list of Python strings are written on every access, which un-shares its pages).
@@ -13,6 +14,7 @@ of a list of Python strings are written on every access, which un-shares its pag
 
 from __future__ import annotations
 
+import array
 import json
 import math
 import os
@@ -37,11 +39,11 @@ class ManifestIndex:
     Attributes (N utterances, P distinct audio files, M manifests):
         durations:  (N,) float64, seconds to read.
         offsets:    (N,) float64, seconds into the file where the segment starts.
-        path_ids:   (N,) int32, row of the path table.
+        path_ids:   (N,) int32, row of the path table (P rows).
         sources:    (N,) int16, which manifest (0..M-1) each utterance came from.
         weights:    (M,) float64, per-manifest repetition factor per epoch (see ``BucketBatchSampler``).
         manifests:  the M manifest paths, as given.
-        path_bytes: (sum of path lengths,) uint8, all distinct absolute paths, UTF-8, concatenated.
+        path_bytes: (sum of path lengths,) uint8, the absolute paths, UTF-8, concatenated.
         path_starts: (P+1,) int64, path p is ``path_bytes[path_starts[p]:path_starts[p+1]]``.
         texts: None, or (text_bytes uint8, text_starts int64 (N+1,)) when loaded with keep_text.
         num_filtered: utterances dropped by the duration filters.
@@ -135,65 +137,93 @@ def _gather_strings(buf: np.ndarray, starts: np.ndarray, keep: np.ndarray):
     return buf[src], new_starts
 
 
-def _parse_one(manifest: str, check_files: bool, keep_text: bool):
-    """Parse one manifest. Returns arrays + the list of raw paths + the list of errors."""
-    base = os.path.dirname(os.path.abspath(manifest))
-    durations: list[float] = []
-    offsets: list[float] = []
-    paths: list[str] = []
+class _PathTable:
+    """Distinct paths packed in one bytearray while parsing.
+
+    Consecutive repeats (segments of one recording, the usual manifest layout) share one entry;
+    a full dedup would need a set of every path as a Python string, which for tens of millions of
+    files costs gigabytes at load time. A repeat that is not consecutive only costs its bytes.
+    """
+
+    def __init__(self):
+        self.buf = bytearray()
+        self.starts = array.array("q", [0])
+        self.last: str | None = None
+
+    def add(self, path: str) -> int:
+        if path != self.last:
+            self.buf += path.encode("utf-8")
+            self.starts.append(len(self.buf))
+            self.last = path
+        return len(self.starts) - 2
+
+
+def _parse_one(manifest: str, check_files: bool, keep_text: bool, table: _PathTable):
+    """Parse one manifest into compact arrays, adding its paths to ``table``."""
+    base = os.path.dirname(os.path.abspath(manifest)) + os.sep
+    durations = array.array("d")
+    offsets = array.array("d")
+    path_ids = array.array("q")
     texts: list[str] = []
     errors: list[str] = []
-    exists_cache: dict[str, bool] = {}
+    last_checked: tuple[str, bool] = ("", False)
+    loads, isfinite, number = json.loads, math.isfinite, (int, float)
     try:
         f = open(manifest, "r", encoding="utf-8")
     except OSError as e:
         raise ManifestError(f"{manifest}: cannot open manifest: {e.strerror or e}") from None
+    # The loop body is what 100k-hour corpora pay tens of millions of times: plain checks
+    # first, messages only on the error path.
     with f:
         for lineno, line in enumerate(f, start=1):
-            if not line.strip():
+            if not line or line.isspace():
                 continue
-            where = f"{manifest}:{lineno}"
             try:
-                item = json.loads(line)
+                item = loads(line)
             except json.JSONDecodeError as e:
-                errors.append(f"{where}: invalid JSON ({e.msg} at column {e.colno})")
+                errors.append(f"{manifest}:{lineno}: invalid JSON ({e.msg} at column {e.colno})")
                 continue
-            if not isinstance(item, dict):
-                errors.append(f"{where}: expected a JSON object, got {type(item).__name__}")
+            if type(item) is not dict:
+                errors.append(f"{manifest}:{lineno}: expected a JSON object, got {type(item).__name__}")
                 continue
-            missing = [k for k in ("audio_filepath", "duration") if k not in item]
-            if missing:
-                errors.append(f"{where}: missing key(s) {', '.join(repr(k) for k in missing)}")
-                continue
-            audio = item["audio_filepath"]
-            if not isinstance(audio, str) or not audio:
-                errors.append(f"{where}: 'audio_filepath' must be a non-empty string, got {audio!r}")
-                continue
-            dur = item["duration"]
-            if isinstance(dur, bool) or not isinstance(dur, (int, float)) or not math.isfinite(dur) or dur <= 0:
-                errors.append(f"{where}: 'duration' must be a positive finite number, got {dur!r}")
-                continue
-            off = item.get("offset", 0.0)
-            if off is None:
-                off = 0.0
-            if isinstance(off, bool) or not isinstance(off, (int, float)) or not math.isfinite(off) or off < 0:
-                errors.append(f"{where}: 'offset' must be a non-negative finite number, got {off!r}")
-                continue
-            path = audio if os.path.isabs(audio) else os.path.normpath(os.path.join(base, audio))
-            if check_files:
-                ok = exists_cache.get(path)
-                if ok is None:
-                    ok = exists_cache[path] = os.path.isfile(path)
-                if not ok:
-                    errors.append(f"{where}: audio file not found: {path}")
+            audio = item.get("audio_filepath")
+            dur = item.get("duration")
+            off = item.get("offset") or 0.0
+            if audio is None or dur is None:
+                missing = [k for k in ("audio_filepath", "duration") if k not in item]
+                if missing:
+                    errors.append(f"{manifest}:{lineno}: missing key(s) {', '.join(repr(k) for k in missing)}")
                     continue
-            durations.append(float(dur))
-            offsets.append(float(off))
-            paths.append(path)
+            if type(audio) is not str or not audio:
+                errors.append(f"{manifest}:{lineno}: 'audio_filepath' must be a non-empty string, got {audio!r}")
+                continue
+            if type(dur) not in number or not isfinite(dur) or dur <= 0:
+                errors.append(f"{manifest}:{lineno}: 'duration' must be a positive finite number, got {dur!r}")
+                continue
+            if type(off) not in number or not isfinite(off) or off < 0:
+                errors.append(f"{manifest}:{lineno}: 'offset' must be a non-negative finite number, got {off!r}")
+                continue
+            if audio[0] == os.sep:
+                path = audio
+            else:
+                path = base + audio
+                if "./" in path or "//" in path:
+                    path = os.path.normpath(path)
+            if check_files:
+                if last_checked[0] != path:
+                    last_checked = (path, os.path.isfile(path))
+                if not last_checked[1]:
+                    errors.append(f"{manifest}:{lineno}: audio file not found: {path}")
+                    continue
+            if errors:
+                continue  # the load will fail: only keep looking for more errors
+            durations.append(dur)
+            offsets.append(off)
+            path_ids.append(table.add(path))
             if keep_text:
                 t = item.get("text", "")
                 texts.append(t if isinstance(t, str) else str(t))
-    return durations, offsets, paths, texts, errors
+    return durations, offsets, path_ids, texts, errors
 
 
 def load_manifest(path_or_paths: str | os.PathLike | Sequence[str | os.PathLike],
@@ -209,13 +239,16 @@ def load_manifest(path_or_paths: str | os.PathLike | Sequence[str | os.PathLike]
             the sampler visits that manifest's utterances (2.0 = twice, 0.5 = a random half).
         min_duration, max_duration: keep utterances with ``min <= duration <= max`` seconds;
             the number dropped is ``index.num_filtered``.
-        check_files: verify every referenced audio file exists (one ``stat`` per distinct file).
+        check_files: verify every referenced audio file exists (one ``stat`` per distinct file;
+            for millions of files on a network filesystem, pass False and cache the index with
+            :meth:`ManifestIndex.save`).
         keep_text: also keep ``text`` (not needed for self-supervised training).
 
     Raises:
-        ManifestError (a ValueError) naming ``file:line`` of every malformed line: invalid JSON,
-        missing ``audio_filepath``/``duration``, non-positive or non-finite duration, negative
-        offset, missing audio file. Also raised when nothing is left after filtering.
+        ManifestError (a ValueError) naming ``file:line`` of every malformed line (the first 20
+        are listed): invalid JSON, missing ``audio_filepath``/``duration``, non-positive or
+        non-finite duration, negative offset, missing audio file. Also raised when nothing is
+        left after filtering.
     """
     if isinstance(path_or_paths, (str, os.PathLike)):
         manifests = [os.fspath(path_or_paths)]
@@ -236,46 +269,39 @@ def load_manifest(path_or_paths: str | os.PathLike | Sequence[str | os.PathLike]
     if len(manifests) > np.iinfo(np.int16).max:
         raise ValueError(f"path_or_paths: at most {np.iinfo(np.int16).max} manifests")
 
-    all_dur, all_off, all_src, all_text = [], [], [], []
-    path_ids_parts = []
-    path_table: dict[str, int] = {}
+    table = _PathTable()
+    all_dur, all_off, all_ids, all_src, all_text = [], [], [], [], []
     errors: list[str] = []
     for m, manifest in enumerate(manifests):
-        dur, off, paths, texts, errs = _parse_one(manifest, check_files, keep_text)
+        dur, off, ids, texts, errs = _parse_one(manifest, check_files, keep_text, table)
         errors.extend(errs)
-        if errs:
-            continue  # still parse the rest so one error report covers every manifest
-        ids = np.fromiter((path_table.setdefault(p, len(path_table)) for p in paths),
-                          dtype=np.int64, count=len(paths))
-        path_ids_parts.append(ids)
-        all_dur.append(np.asarray(dur, dtype=np.float64))
-        all_off.append(np.asarray(off, dtype=np.float64))
+        all_dur.append(np.frombuffer(dur, dtype=np.float64))
+        all_off.append(np.frombuffer(off, dtype=np.float64))
+        all_ids.append(np.frombuffer(ids, dtype=np.int64))
         all_src.append(np.full(len(dur), m, dtype=np.int16))
         all_text.extend(texts)
     if errors:
         shown = "\n  ".join(errors[:_MAX_REPORTED_ERRORS])
         more = f"\n  ... and {len(errors) - _MAX_REPORTED_ERRORS} more" if len(errors) > _MAX_REPORTED_ERRORS else ""
         raise ManifestError(f"{len(errors)} bad manifest line(s):\n  {shown}{more}")
-    if len(path_table) > np.iinfo(np.int32).max:
+    n_paths = len(table.starts) - 1
+    if n_paths > np.iinfo(np.int32).max:
         raise ValueError("more than 2**31-1 distinct audio files")
 
-    durations = np.concatenate(all_dur) if all_dur else np.zeros(0)
-    offsets = np.concatenate(all_off) if all_off else np.zeros(0)
-    sources = np.concatenate(all_src) if all_src else np.zeros(0, np.int16)
-    path_ids = (np.concatenate(path_ids_parts) if path_ids_parts else np.zeros(0, np.int64)).astype(np.int32)
-
-    encoded = [p.encode("utf-8") for p in path_table]  # dict order == id order
-    path_starts = np.zeros(len(encoded) + 1, dtype=np.int64)
-    np.cumsum([len(b) for b in encoded], out=path_starts[1:])
-    path_bytes = np.frombuffer(b"".join(encoded), dtype=np.uint8).copy()
-    del encoded, path_table
+    durations = np.concatenate(all_dur)
+    offsets = np.concatenate(all_off)
+    sources = np.concatenate(all_src)
+    path_ids = np.concatenate(all_ids).astype(np.int32)
+    path_bytes = np.frombuffer(bytes(table.buf), dtype=np.uint8)
+    path_starts = np.frombuffer(table.starts, dtype=np.int64).copy()
+    del table, all_dur, all_off, all_ids
 
     texts = None
     if keep_text:
         enc = [t.encode("utf-8") for t in all_text]
         starts = np.zeros(len(enc) + 1, dtype=np.int64)
         np.cumsum([len(b) for b in enc], out=starts[1:])
-        texts = (np.frombuffer(b"".join(enc), dtype=np.uint8).copy(), starts)
+        texts = (np.frombuffer(b"".join(enc), dtype=np.uint8), starts)
 
     index = ManifestIndex(durations=durations, offsets=offsets, path_ids=path_ids, sources=sources,
                           weights=w, manifests=manifests, path_bytes=path_bytes,

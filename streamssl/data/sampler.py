@@ -104,8 +104,8 @@ class BucketBatchSampler:
                 f"raise batch_seconds or load the manifest with max_duration={batch_seconds}")
         if world_size < 1 or not (0 <= rank < world_size):
             raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
-        if num_buckets < 1:
-            raise ValueError(f"num_buckets must be >= 1, got {num_buckets}")
+        if not (1 <= num_buckets <= 10000):
+            raise ValueError(f"num_buckets must be in [1, 10000], got {num_buckets}")
         if max_batch_size is not None and max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1 or None, got {max_batch_size}")
         self.durations = durations
@@ -116,7 +116,10 @@ class BucketBatchSampler:
         self.max_batch_size = max_batch_size
         self.shuffle = bool(shuffle)
         self._weights = np.asarray(weights, dtype=np.float64)
-        self._by_source = [np.flatnonzero(sources == m) for m in range(len(self._weights))]
+        # int32 utterance ids halve the per-epoch plan (N < 2**31 always holds in practice).
+        self._idx_dtype = np.int32 if durations.shape[0] < 2 ** 31 else np.int64
+        self._by_source = [np.flatnonzero(sources == m).astype(self._idx_dtype)
+                           for m in range(len(self._weights))]
 
         # Expected batches per epoch, from the weighted padded-free total; caps the bucket count.
         total = sum(float(durations[ix].sum()) * w for ix, w in zip(self._by_source, self._weights))
@@ -125,7 +128,7 @@ class BucketBatchSampler:
         qs = np.quantile(durations, np.linspace(0.0, 1.0, nb + 1)[1:-1]) if nb > 1 else np.zeros(0)
         self._edges = np.unique(qs)
         self.num_buckets = int(self._edges.shape[0] + 1)
-        self._bucket_of = np.searchsorted(self._edges, durations, side="right").astype(np.int64)
+        self._bucket_of = np.searchsorted(self._edges, durations, side="right").astype(np.int16)
         bucket_max = np.zeros(self.num_buckets)
         np.maximum.at(bucket_max, self._bucket_of, durations)
         cap = np.floor(self.batch_seconds / np.maximum(bucket_max, 1e-12)).astype(np.int64)
@@ -156,7 +159,7 @@ class BucketBatchSampler:
             n_frac = int(round((w - reps) * ix.shape[0]))
             if n_frac:
                 parts.append(np.sort(rng.choice(ix, size=n_frac, replace=False)))
-        items = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+        items = np.concatenate(parts) if parts else np.zeros(0, self._idx_dtype)
         if items.shape[0] == 0:
             raise ValueError("the manifest weights select no utterance for this epoch")
         if self.shuffle:

@@ -184,6 +184,15 @@ class LogMelFeatures(nn.Module):
                              f"(file vs module): {diff}")
         self.set_stats(stats["mean"], stats["std"])
 
+    def rng_state(self) -> dict[str, torch.Tensor]:
+        """States of the module's own dither generators, one per device used (for checkpoints)."""
+        return {dev: g.get_state() for dev, g in self._generators.items()}
+
+    def set_rng_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore :meth:`rng_state`, so a resumed run dithers exactly like an uninterrupted one."""
+        for dev, st in state.items():
+            self._generator(torch.device(dev)).set_state(st)
+
     def _generator(self, device: torch.device) -> torch.Generator:
         key = str(device)
         g = self._generators.get(key)
@@ -381,5 +390,8 @@ def compute_global_stats(index, features: LogMelFeatures | None = None, *, max_s
             seconds += float(lengths.sum()) / cfg["sample_rate"]
     if count < 2:
         raise ValueError("compute_global_stats: fewer than 2 feature frames were read")
-    return {"mean": mean, "std": np.sqrt(m2 / count), "frames": int(count), "seconds": seconds,
+    # A bin that never varies (e.g. above the band of upsampled narrow-band audio) would divide
+    # by zero; the floor keeps normalisation finite.
+    std = np.maximum(np.sqrt(m2 / count), 1e-5)
+    return {"mean": mean, "std": std, "frames": int(count), "seconds": seconds,
             "skipped": loader.num_skipped, "features": cfg}
