@@ -166,7 +166,8 @@ if pytest is not None:
         index, noise_index = corpus
         loader = build_loader(index, noise_index if noise else None, batch_seconds=60.0, seed=0)
         seconds = benchmark(loader_epoch, loader)
-        benchmark.extra_info["audio_hours_per_second"] = seconds / 3600 / benchmark.stats.stats.median
+        if benchmark.stats is not None:  # None under --benchmark-disable
+            benchmark.extra_info["audio_hours_per_second"] = seconds / 3600 / benchmark.stats.stats.median
 
     def test_loader_floor_soundfile_read(benchmark, corpus):
         benchmark(soundfile_floor, corpus[0])

@@ -126,8 +126,10 @@ class NestAugment(nn.Module):
         seg_len = torch.minimum(seg_len, L)
         seg_start = (u_seg * (L - seg_len + 1).to(torch.float64)).long()
         seg_start = torch.minimum(seg_start, L - seg_len).clamp(min=0)
-        lo = torch.where(is_noise, self.noise_snr[0], self.speech_snr[0])
-        hi = torch.where(is_noise, self.noise_snr[1], self.speech_snr[1])
+        # SNR bounds selected in float64 arithmetic (a where() over Python floats is float32).
+        w = is_noise.to(torch.float64)
+        lo = self.speech_snr[0] + w * (self.noise_snr[0] - self.speech_snr[0])
+        hi = self.speech_snr[1] + w * (self.noise_snr[1] - self.speech_snr[1])
         snr_db = lo + u_snr * (hi - lo)
 
         # Work on (B, S) windows over the segments only. S bounds every seg_len from the shape

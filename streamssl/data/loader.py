@@ -153,7 +153,13 @@ class AudioLoader:
     ``for batch in loader`` runs the rest of the current epoch and then advances to the next one
     (a trainer that counts steps can simply loop ``while True: for batch in loader: ...``).
     ``state_dict()`` = {"epoch", "position" (batches of the epoch already yielded on this rank),
-    "num_skipped", and the sampler's plan-defining settings}.
+    "num_skipped", and the sampler's plan-defining settings}. Ranks advance in lockstep, so rank
+    0's state resumes every rank.
+
+    Unreadable files are dropped from their batch and listed in ``batch["skipped"]`` (also logged
+    and counted in ``num_skipped``). If *every* file of a batch fails, the batch is still yielded,
+    with B = 0 (``audio`` of shape (0, 0)): under DDP the trainer must still take part in the step
+    (e.g. a zero loss that touches every parameter) so the ranks stay in step.
     """
 
     def __init__(self, dataset: AudioBatchDataset, sampler: BucketBatchSampler, *, num_workers: int = 0,
