@@ -75,6 +75,8 @@ def load_audio(path: str | os.PathLike, offset: float = 0.0, duration: float | N
                 else:  # rare (e.g. piped formats): decode and drop
                     f.read(start, dtype="float32", always_2d=True)
             data = f.read(frames, dtype="float32", always_2d=True)
+            # Integer PCM cannot hold NaN/Inf: only decoders that produce floats need the check.
+            check_finite = not str(f.subtype).startswith(("PCM_", "ULAW", "ALAW"))
     except AudioReadError:
         raise
     except Exception as e:
@@ -82,7 +84,7 @@ def load_audio(path: str | os.PathLike, offset: float = 0.0, duration: float | N
     if data.shape[0] == 0:
         raise AudioReadError(path, "no samples in the requested segment")
     mono = data[:, 0] if data.shape[1] == 1 else data.mean(axis=1, dtype=np.float32)
-    if not np.isfinite(mono).all():
+    if check_finite and not np.isfinite(mono).all():
         raise AudioReadError(path, "non-finite samples (NaN or Inf)")
     if file_sr != sample_rate:
         mono = soxr.resample(mono, file_sr, sample_rate, quality="HQ")

@@ -39,19 +39,28 @@ class AudioBatchDataset(Dataset):
         skipped:        list of (path, reason) for files that failed (those rows are absent).
         epoch, batch_id, position: ints identifying the batch.
     Noise crops are drawn from ``numpy.random.default_rng([seed, epoch, global_batch_id, salt])``,
-    so they do not depend on the worker that reads them nor on the number of workers.
+    so they do not depend on the worker that reads them nor on the number of workers: a noise
+    file is picked with probability proportional to its duration and a window of the utterance's
+    length starts uniformly inside it (a shorter file is looped). When the whole noise set fits in
+    ``noise_cache_mb`` (float32), each worker decodes it once and crops from memory.
     With ``strict=True`` an unreadable file raises :class:`AudioReadError` instead.
     """
 
     def __init__(self, index: ManifestIndex, noise_index: ManifestIndex | None = None, *,
-                 sample_rate: int = 16000, seed: int = 0, strict: bool = False):
+                 sample_rate: int = 16000, seed: int = 0, strict: bool = False,
+                 noise_cache_mb: float = 256.0):
         self.index = index
         self.noise_index = noise_index
         self.sample_rate = int(sample_rate)
         self.seed = int(seed)
         self.strict = bool(strict)
+        self._noise_cache: dict[int, np.ndarray] | None = None
         if noise_index is not None:
             self._noise_cum = np.cumsum(noise_index.durations)
+            # A noise set that fits is decoded once per worker and cropped from memory; a larger
+            # one is read crop by crop (random crops would only thrash a partial cache).
+            if noise_index.total_seconds * self.sample_rate * 4 <= noise_cache_mb * 2 ** 20:
+                self._noise_cache = {}
 
     def __len__(self) -> int:  # a DataLoader with batch_size=None never asks, but be honest
         return len(self.index)
@@ -74,9 +83,15 @@ class AudioBatchDataset(Dataset):
         path = nidx.path(j)
         sr = self.sample_rate
         n_avail = int(round(float(nidx.durations[j]) * sr))
+        start = int(u_pos * (n_avail - length + 1)) if n_avail > length else 0
         try:
-            if n_avail > length:
-                start = int(u_pos * (n_avail - length + 1))
+            if self._noise_cache is not None:
+                x = self._noise_cache.get(j)
+                if x is None:
+                    x = self._noise_cache[j] = load_audio(path, float(nidx.offsets[j]),
+                                                          float(nidx.durations[j]), sr)
+                x = x[start:start + length]
+            elif n_avail > length:
                 x = load_audio(path, float(nidx.offsets[j]) + start / sr, length / sr, sr)
             else:
                 x = load_audio(path, float(nidx.offsets[j]), float(nidx.durations[j]), sr)
@@ -218,7 +233,7 @@ def build_loader(index: ManifestIndex, noise_index: ManifestIndex | None = None,
                  num_workers: int = 0, sample_rate: int = 16000, num_buckets: int = 30,
                  max_batch_size: int | None = None, shuffle: bool = True, strict: bool = False,
                  pin_memory: bool = False, prefetch_factor: int | None = 2,
-                 multiprocessing_context=None) -> AudioLoader:
+                 noise_cache_mb: float = 256.0, multiprocessing_context=None) -> AudioLoader:
     """Bucketed, sharded, resumable audio loader (see :class:`AudioBatchDataset` for the batch dict).
 
     Args:
@@ -228,9 +243,11 @@ def build_loader(index: ManifestIndex, noise_index: ManifestIndex | None = None,
         rank, world_size: DDP sharding; each rank gets the same number of batches per epoch.
         num_workers: DataLoader worker processes (0 reads in the calling process).
         strict: raise on the first unreadable file instead of skipping and counting it.
+        noise_cache_mb: decode the noise set once per worker when it fits in this many MB.
     """
     sampler = BucketBatchSampler(index, batch_seconds, seed=seed, rank=rank, world_size=world_size,
                                  num_buckets=num_buckets, max_batch_size=max_batch_size, shuffle=shuffle)
-    dataset = AudioBatchDataset(index, noise_index, sample_rate=sample_rate, seed=seed, strict=strict)
+    dataset = AudioBatchDataset(index, noise_index, sample_rate=sample_rate, seed=seed, strict=strict,
+                                noise_cache_mb=noise_cache_mb)
     return AudioLoader(dataset, sampler, num_workers=num_workers, pin_memory=pin_memory,
                        prefetch_factor=prefetch_factor, multiprocessing_context=multiprocessing_context)
