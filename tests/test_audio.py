@@ -107,3 +107,26 @@ def test_bad_arguments(pcm):
         load_audio(pcm[0], duration=0.0)
     with pytest.raises(ValueError, match="sample_rate"):
         load_audio(pcm[0], sample_rate=0)
+
+
+def test_decoding_into_a_caller_buffer(tmp_path, pcm):
+    path, x = pcm
+    ref = load_audio(path, offset=0.5, duration=0.25)
+    row = np.full(5000, 7.0, np.float32)
+    got = load_audio(path, offset=0.5, duration=0.25, out=row)
+    assert np.shares_memory(got, row) and got.shape == (4000,)
+    np.testing.assert_array_equal(got, ref)
+    assert (row[4000:] == 7.0).all()  # nothing written past the segment
+    # Stereo and resampled files take the general path and are copied into the buffer.
+    st = write_wav(tmp_path / "st.wav", np.random.default_rng(0).uniform(-0.5, 0.5, (3000, 2)), subtype="FLOAT")
+    rs = write_wav(tmp_path / "rs.wav", np.random.default_rng(1).uniform(-0.5, 0.5, 4410), sr=44100, subtype="FLOAT")
+    for p, dur in ((st, None), (rs, 0.1)):
+        buf = np.zeros(3200, np.float32)
+        got = load_audio(p, duration=dur, out=buf)
+        assert np.shares_memory(got, buf)
+        np.testing.assert_array_equal(got, load_audio(p, duration=dur))
+    assert load_audio(rs, duration=0.1).shape == (1600,)  # round(duration * sample_rate) exactly
+    with pytest.raises(ValueError, match="out"):
+        load_audio(path, duration=0.25, out=np.zeros(100, np.float32))
+    with pytest.raises(ValueError, match="out"):
+        load_audio(path, duration=0.25, out=np.zeros(5000, np.float64))

@@ -65,11 +65,11 @@ class AudioBatchDataset(Dataset):
     def __len__(self) -> int:  # a DataLoader with batch_size=None never asks, but be honest
         return len(self.index)
 
-    def _read(self, i: int, skipped: list) -> np.ndarray | None:
+    def _read(self, i: int, skipped: list, out: np.ndarray) -> np.ndarray | None:
         path = self.index.path(i)
         try:
             return load_audio(path, float(self.index.offsets[i]), float(self.index.durations[i]),
-                              self.sample_rate)
+                              self.sample_rate, out=out)
         except AudioReadError as e:
             if self.strict:
                 raise
@@ -108,18 +108,21 @@ class AudioBatchDataset(Dataset):
         epoch, batch_id, position, indices = ref
         skipped: list[tuple[str, str]] = []
         requested = np.asarray(indices).tolist()
-        kept, rows, waves = [], [], []
+        # Rows sized from the manifest (load_audio returns at most round(duration * sr) samples),
+        # so every file is decoded straight into its row: no second copy, no second page fault.
+        caps = np.maximum(np.rint(self.index.durations[np.asarray(indices, dtype=np.int64)] * self.sample_rate), 1)
+        audio = np.zeros((len(requested), int(caps.max()) if len(requested) else 0), dtype=np.float32)
+        kept, rows, lens = [], [], []
         for row, i in enumerate(requested):
-            x = self._read(i, skipped)
+            x = self._read(i, skipped, audio[row])
             if x is not None:
                 kept.append(i)
                 rows.append(row)
-                waves.append(x)
-        lengths = np.array([w.shape[0] for w in waves], dtype=np.int64)
-        n_max = int(lengths.max()) if len(waves) else 0
-        audio = np.zeros((len(waves), n_max), dtype=np.float32)
-        for r, w in enumerate(waves):
-            audio[r, :w.shape[0]] = w
+                lens.append(x.shape[0])
+        lengths = np.array(lens, dtype=np.int64)
+        n_max = int(lengths.max()) if lens else 0
+        if len(rows) != len(requested) or n_max != audio.shape[1]:  # failures or short files: rare
+            audio = np.ascontiguousarray(audio[rows, :n_max])
         out = {"audio": torch.from_numpy(audio), "audio_lengths": torch.from_numpy(lengths),
                "indices": torch.tensor(kept, dtype=torch.int64)}
         if self.noise_index is not None:
@@ -128,9 +131,9 @@ class AudioBatchDataset(Dataset):
             rng = np.random.default_rng([self.seed, int(epoch), int(batch_id), _NOISE_SALT])
             draws = rng.random((len(requested), 2))
             noise = np.zeros_like(audio)
-            noise_lengths = np.zeros(len(waves), dtype=np.int64)
-            for r, (row, w) in enumerate(zip(rows, waves)):
-                x = self._noise_crop(w.shape[0], draws[row, 0], draws[row, 1], skipped)
+            noise_lengths = np.zeros(len(lens), dtype=np.int64)
+            for r, (row, n) in enumerate(zip(rows, lens)):
+                x = self._noise_crop(n, draws[row, 0], draws[row, 1], skipped)
                 if x is not None:
                     noise[r, :x.shape[0]] = x
                     noise_lengths[r] = x.shape[0]
