@@ -1,0 +1,115 @@
+"""The ``streamssl`` command.
+
+Each subcommand is a pair of functions, ``_args_<name>(parser)`` (declares its arguments) and
+``_run_<name>(args) -> int`` (does the work, returns the exit status), registered in ``COMMANDS``.
+To add a subcommand, write the pair and add one row to the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Callable, NamedTuple, Sequence
+
+
+class Command(NamedTuple):
+    help: str
+    add_args: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+# -- demo-data -------------------------------------------------------------------------------------
+def _args_demo_data(p: argparse.ArgumentParser) -> None:
+    p.add_argument("out_dir", metavar="OUT_DIR", help="directory to write the corpus into")
+    p.add_argument("--seed", type=int, default=0, help="corpus seed (same seed, same bytes)")
+    p.add_argument("--n-train", type=int, default=48, help="training utterances (2-12 s each)")
+    p.add_argument("--n-val", type=int, default=8, help="validation utterances")
+    p.add_argument("--n-noise", type=int, default=6, help="noise files (6-10 s each)")
+
+
+def _run_demo_data(args: argparse.Namespace) -> int:
+    from streamssl.data.demo import make_demo_corpus
+    from streamssl.data.manifest import load_manifest
+
+    t0 = time.perf_counter()
+    corpus = make_demo_corpus(args.out_dir, seed=args.seed, n_train=args.n_train, n_val=args.n_val,
+                              n_noise=args.n_noise)
+    dt = time.perf_counter() - t0
+    for name in ("train", "val", "noise"):
+        path = getattr(corpus, name)
+        idx = load_manifest(path)
+        print(f"{name:6s} {path}  ({len(idx)} files, {idx.total_seconds / 60:.1f} min)")
+    print(f"alignments: {corpus.train_alignment}, {corpus.val_alignment}")
+    print(f"wrote {corpus.root} in {dt:.1f} s")
+    return 0
+
+
+# -- compute-stats ---------------------------------------------------------------------------------
+def _args_compute_stats(p: argparse.ArgumentParser) -> None:
+    p.add_argument("manifest", metavar="MANIFEST", nargs="+", help="manifest(s) to measure")
+    p.add_argument("out", metavar="OUT", help="JSON file to write (mean, std, frames, feature settings)")
+    p.add_argument("--max-hours", type=float, default=None,
+                   help="use a seeded random subset of about this many hours")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--batch-seconds", type=float, default=120.0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--sample-rate", type=int, default=16000)
+    p.add_argument("--n-mels", type=int, default=80)
+    p.add_argument("--win-length", type=int, default=400)
+    p.add_argument("--hop-length", type=int, default=160)
+    p.add_argument("--n-fft", type=int, default=512)
+    p.add_argument("--preemph", type=float, default=0.97)
+
+
+def _run_compute_stats(args: argparse.Namespace) -> int:
+    from streamssl.data.manifest import load_manifest
+    from streamssl.ssl.features import LogMelFeatures, compute_global_stats, save_stats
+
+    feats = LogMelFeatures(sample_rate=args.sample_rate, n_mels=args.n_mels, win_length=args.win_length,
+                           hop_length=args.hop_length, n_fft=args.n_fft, preemph=args.preemph)
+    index = load_manifest(args.manifest)
+    max_seconds = None if args.max_hours is None else args.max_hours * 3600.0
+    t0 = time.perf_counter()
+    stats = compute_global_stats(index, feats, max_seconds=max_seconds, batch_seconds=args.batch_seconds,
+                                 num_workers=args.num_workers, seed=args.seed, device=args.device)
+    save_stats(args.out, stats)
+    print(f"{stats['frames']} frames ({stats['seconds'] / 3600:.3f} h) in {time.perf_counter() - t0:.1f} s; "
+          f"{stats['skipped']} file(s) skipped; wrote {args.out}")
+    return 0
+
+
+# -- table -----------------------------------------------------------------------------------------
+COMMANDS: dict[str, Command] = {
+    "demo-data": Command("write the small synthetic demo corpus", _args_demo_data, _run_demo_data),
+    "compute-stats": Command("global log-mel mean/std of a manifest (for normalize='global')",
+                             _args_compute_stats, _run_compute_stats),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="streamssl", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, cmd in COMMANDS.items():
+        p = sub.add_parser(name, help=cmd.help, description=cmd.help)
+        cmd.add_args(p)
+        p.set_defaults(_run=cmd.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``streamssl`` console script; returns the exit status."""
+    from streamssl.data.audio import AudioReadError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except (ValueError, OSError, AudioReadError) as e:
+        # These errors name the argument, file or line; a traceback would only bury that.
+        print(f"streamssl {args.command}: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
