@@ -138,8 +138,13 @@ class RelPositionMultiHeadAttention(nn.Module):
         """Keys and values of (already normalised) frames x (B, T, D): two (B, H, T, d_head)."""
         return self._heads(self.linear_k(x)), self._heads(self.linear_v(x))
 
+    def project_pos(self, pos_emb: torch.Tensor) -> torch.Tensor:
+        """W_pos p(d) for rows of ``rel_position_sinusoid``: (L, D) -> (L, D). Row-wise, so a table
+        of projected distances can be extended piece by piece (the streaming state does)."""
+        return self.linear_pos(pos_emb)
+
     def attend(
-        self, xq: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor, pos_emb: torch.Tensor
+        self, xq: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor, pos_proj: torch.Tensor
     ) -> torch.Tensor:
         """Attention of n_q query frames over n_k key frames.
 
@@ -148,15 +153,15 @@ class RelPositionMultiHeadAttention(nn.Module):
             k, v: (B, H, n_k, d_head) from ``project_kv``.
             allowed: (B, n_q, n_k) or (n_q, n_k) bool; False entries get zero weight. A query with no
                 allowed key (a padded frame) gets a zero output instead of NaN.
-            pos_emb: (n_q + n_k - 1, D) ``rel_position_sinusoid`` for distances from
-                (last query - first key) down to (first query - last key).
+            pos_proj: (n_q + n_k - 1, D) ``project_pos`` of the ``rel_position_sinusoid`` rows for the
+                distances from (last query - first key) down to (first query - last key).
         Returns:
             (B, n_q, D).
         """
         B, n_q, _ = xq.shape
         n_k = k.shape[2]
         q = self._heads(self.linear_q(xq))  # (B, H, n_q, d_head)
-        p = self.linear_pos(pos_emb).view(-1, self.n_heads, self.d_head).transpose(0, 1)  # (H, L, d_head)
+        p = pos_proj.view(-1, self.n_heads, self.d_head).transpose(0, 1)  # (H, L, d_head)
         scale = 1.0 / math.sqrt(self.d_head)
         ac = torch.matmul(q + self.pos_bias_u.unsqueeze(1), k.transpose(-2, -1))  # (B, H, n_q, n_k)
         bd = rel_shift(torch.matmul(q + self.pos_bias_v.unsqueeze(1), p.transpose(-2, -1)), n_k)
@@ -177,4 +182,4 @@ class RelPositionMultiHeadAttention(nn.Module):
         """Full-sequence self-attention: x (B, T, D), allowed (B, T, T) or (T, T) bool,
         pos_emb (2T - 1, D) for distances T-1 ... -(T-1). Returns (B, T, D)."""
         k, v = self.project_kv(x)
-        return self.attend(x, k, v, allowed, pos_emb)
+        return self.attend(x, k, v, allowed, self.project_pos(pos_emb))

@@ -74,7 +74,7 @@ class ConformerBlock(nn.Module):
         h = self.pre_attention(x)
         a = self.norm_att(h)
         k, v = self.attn.project_kv(a)
-        x = h + self.dropout(self.attn.attend(a, k, v, allowed, pos_emb))
+        x = h + self.dropout(self.attn.attend(a, k, v, allowed, self.attn.project_pos(pos_emb)))
         x = x + self.dropout(self.conv(self.norm_conv(x), lengths))
         return self.post_conv(x)
 
@@ -97,18 +97,19 @@ class ConformerBlock(nn.Module):
         k: torch.Tensor,
         v: torch.Tensor,
         allowed: torch.Tensor,
-        pos_emb: torch.Tensor,
+        pos_proj: torch.Tensor,
         conv_cache: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Finish frames h (B, t, D) from ``pre_attention`` given all keys/values they may attend to.
 
         Args:
             h: (B, t, D) query frames, t >= 1. k, v: (B, H, n_k, d_head).
-            allowed: (B, t, n_k) bool. pos_emb: (t + n_k - 1, D), see ``RelPositionMultiHeadAttention.attend``.
+            allowed: (B, t, n_k) bool. pos_proj: (t + n_k - 1, D) projected relative positions, see
+                ``RelPositionMultiHeadAttention.attend``.
             conv_cache: (B, K-1, D) from the previous step or None at the start.
         Returns:
             (B, t, D) block outputs and the conv module's next cache.
         """
-        x = h + self.dropout(self.attn.attend(self.norm_att(h), k, v, allowed, pos_emb))
+        x = h + self.dropout(self.attn.attend(self.norm_att(h), k, v, allowed, pos_proj))
         c, conv_cache = self.conv.step(self.norm_conv(x), conv_cache)
         return self.post_conv(x + self.dropout(c)), conv_cache

@@ -50,6 +50,10 @@ class LayerStreamState:
         conv_cache: (B, K-1, D) the conv module's cache.
         kv_start: absolute encoder frame of k[:, :, 0].
         done: frames this layer has output so far.
+        pos: (n_pos, D) this layer's projected relative-position rows for the distances
+            pos_hi, pos_hi - 1, ..., pos_hi - n_pos + 1 met so far; extended only by new distances,
+            so a step projects O(new frames) rows, not the whole left context.
+        pos_hi: the distance of pos[0].
     """
 
     k: torch.Tensor
@@ -58,6 +62,8 @@ class LayerStreamState:
     conv_cache: torch.Tensor
     kv_start: int
     done: int
+    pos: torch.Tensor
+    pos_hi: int
 
 
 @dataclass
@@ -316,6 +322,8 @@ class FastConformerEncoder(nn.Module):
                     conv_cache=block.conv.init_cache(B, device, dtype),
                     kv_start=0,
                     done=0,
+                    pos=torch.zeros(0, self.d_model, device=device, dtype=dtype),
+                    pos_hi=0,
                 )
             )
         zeros = torch.zeros(B, dtype=torch.int64, device=device)
@@ -356,7 +364,7 @@ class FastConformerEncoder(nn.Module):
         ctx, style = self._att_context, self.att_context_style
         left, right = ctx
         delay = right if style == "regular" else 0  # frames a query waits for at each layer
-        masks, pos_embs = {}, {}
+        masks = {}
         new_layers = []
         for block, st in zip(self.layers, layers):
             k, v, pending = st.k, st.v, st.pending
@@ -367,17 +375,18 @@ class FastConformerEncoder(nn.Module):
                 pending = torch.cat([pending, h_new], dim=1)
             n_q = pending.shape[1] if flush else max(0, pending.shape[1] - delay)
             n_k = k.shape[2]
-            conv_cache = st.conv_cache
+            conv_cache, pos, pos_hi = st.conv_cache, st.pos, st.pos_hi
             if n_q > 0:
                 key = (st.done, n_q, st.kv_start, n_k)
                 if key not in masks:
                     ctx_mask = context_mask(st.done, n_q, st.kv_start, n_k, ctx, style, x.device)
                     key_pos = torch.arange(st.kv_start, st.kv_start + n_k, device=x.device)
                     masks[key] = ctx_mask.unsqueeze(0) & (key_pos.unsqueeze(0) < lengths.unsqueeze(1)).unsqueeze(1)
-                    pos_embs[key] = rel_position_sinusoid(
-                        st.done + n_q - 1 - st.kv_start, n_q + n_k - 1, self.d_model, x.device, pending.dtype
-                    )
-                x, conv_cache = block.step(pending[:, :n_q], k, v, masks[key], pos_embs[key], conv_cache)
+                d_hi = st.done + n_q - 1 - st.kv_start  # last query - first key
+                d_lo = st.done - (st.kv_start + n_k - 1)  # first query - last key
+                pos, pos_hi = self._extend_pos(block, pos, pos_hi, d_hi, d_lo)
+                window = pos[pos_hi - d_hi : pos_hi - d_lo + 1]
+                x, conv_cache = block.step(pending[:, :n_q], k, v, masks[key], window, conv_cache)
             else:
                 x = pending[:, :0]
             done = st.done + n_q
@@ -385,9 +394,24 @@ class FastConformerEncoder(nn.Module):
             kv_start = st.kv_start if left < 0 else max(st.kv_start, done - left)
             drop = kv_start - st.kv_start
             new_layers.append(
-                LayerStreamState(k[:, :, drop:], v[:, :, drop:], pending[:, n_q:], conv_cache, kv_start, done)
+                LayerStreamState(k[:, :, drop:], v[:, :, drop:], pending[:, n_q:], conv_cache, kv_start, done, pos, pos_hi)
             )
         return x, new_layers
+
+    def _extend_pos(self, block, pos: torch.Tensor, pos_hi: int, d_hi: int, d_lo: int) -> tuple[torch.Tensor, int]:
+        """Make the projected position table cover distances d_hi ... d_lo, projecting only the new rows."""
+        n = pos.shape[0]
+        if n == 0:
+            rows = rel_position_sinusoid(d_hi, d_hi - d_lo + 1, self.d_model, pos.device, pos.dtype)
+            return block.attn.project_pos(rows), d_hi
+        lo = pos_hi - n + 1
+        parts = []
+        if d_hi > pos_hi:
+            parts.append(block.attn.project_pos(rel_position_sinusoid(d_hi, d_hi - pos_hi, self.d_model, pos.device, pos.dtype)))
+        parts.append(pos)
+        if d_lo < lo:
+            parts.append(block.attn.project_pos(rel_position_sinusoid(lo - 1, lo - d_lo, self.d_model, pos.device, pos.dtype)))
+        return (torch.cat(parts) if len(parts) > 1 else pos), max(pos_hi, d_hi)
 
     def stream_step(
         self, chunk: torch.Tensor, chunk_lengths: torch.Tensor, state: EncoderStreamState, *, final: bool = False
