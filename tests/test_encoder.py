@@ -287,6 +287,13 @@ def test_forward_never_reads_tensor_values_on_the_host():
     out.sum().backward()
 
 
+def test_no_batch_statistics_anywhere():
+    # BatchNorm makes outputs depend on the batch and breaks streaming; the encoder has none.
+    for name in ("demo", "small"):
+        enc = build_encoder({"preset": name})
+        assert not [m for m in enc.modules() if isinstance(m, torch.nn.modules.batchnorm._NormBase)]
+
+
 def test_presets_and_config_overrides():
     assert encoder_config({"preset": "small"})["d_model"] == 176
     assert PRESETS["large"]["d_model"] == 512 and PRESETS["large"]["n_layers"] == 17 and PRESETS["large"]["n_heads"] == 8
