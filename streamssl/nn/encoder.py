@@ -205,8 +205,8 @@ class FastConformerEncoder(nn.Module):
         ``factor * (right + 1)`` for chunked_limited (one attention chunk), ``factor`` for regular
         (one encoder frame; the right context is waited for inside the state).
         """
-        left, right = self._att_context
         self._streamable(self._att_context)
+        right = self._att_context[1]
         chunk = right + 1 if self.att_context_style == "chunked_limited" else 1
         return self.subsampling_factor * chunk
 
