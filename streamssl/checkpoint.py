@@ -9,6 +9,10 @@ from pathlib import Path
 
 import torch
 
+class CheckpointError(RuntimeError):
+    """A checkpoint is unreadable or does not fit the model; the message says which keys."""
+
+
 _STEP_FILE = re.compile(r"^step-(\d+)\.pt$")
 
 
@@ -60,14 +64,14 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
-        raise RuntimeError(f"checkpoint {path} could not be read: {e}") from e
+        raise CheckpointError(f"checkpoint {path} could not be read: {e}") from e
 
 
 def load_state_strict(module: torch.nn.Module, state: dict, source: str) -> None:
     """``module.load_state_dict(state)`` with one message naming every mismatched key.
 
     Raises:
-        RuntimeError listing missing keys, unexpected keys and shape mismatches, e.g. when a
+        CheckpointError listing missing keys, unexpected keys and shape mismatches, e.g. when a
         checkpoint of another model size is loaded.
     """
     own = module.state_dict()
@@ -84,5 +88,5 @@ def load_state_strict(module: torch.nn.Module, state: dict, source: str) -> None
             if items:
                 shown = ", ".join(items[:12]) + (f", ... ({len(items)} in all)" if len(items) > 12 else "")
                 parts.append(f"{title}: {shown}")
-        raise RuntimeError(f"{source} does not fit this model (another model size or recipe?): " + "; ".join(parts))
+        raise CheckpointError(f"{source} does not fit this model (another model size or recipe?): " + "; ".join(parts))
     module.load_state_dict(state)

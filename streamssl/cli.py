@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 from typing import Callable, NamedTuple, Sequence
 
 
@@ -80,8 +81,36 @@ def _run_compute_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- pretrain --------------------------------------------------------------------------------------
+def _args_pretrain(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=None,
+                   help="recipe YAML or bundled recipe name (demo, small, small_lookahead, ...); default: demo")
+    p.add_argument("--out", default="runs/demo", help="run directory; an existing checkpoint there is resumed")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted config overrides")
+
+
+def _run_pretrain(args: argparse.Namespace) -> int:
+    from streamssl.config import load_config
+    from streamssl.train import pretrain
+
+    cfg = load_config(args.config, args.overrides)
+    t0 = time.perf_counter()
+    last = pretrain(cfg, args.out)
+    out = Path(args.out)
+    if last:
+        summary = ", ".join(f"{k} {last[k]:.4f}" for k in ("loss", "acc", "val_loss", "val_acc") if k in last)
+        print(f"step {last['step']}: {summary}")
+    print(f"finished in {time.perf_counter() - t0:.0f} s")
+    print(f"checkpoint: {out / 'checkpoints' / 'last.pt'}")
+    print(f"metrics:    {out / 'metrics.jsonl'}")
+    print(f"config:     {out / 'config.yaml'}")
+    return 0
+
+
 # -- table -----------------------------------------------------------------------------------------
 COMMANDS: dict[str, Command] = {
+    "pretrain": Command("NEST/BEST-RQ pretraining of a streaming encoder (resumes from --out)",
+                        _args_pretrain, _run_pretrain),
     "demo-data": Command("write the small synthetic demo corpus", _args_demo_data, _run_demo_data),
     "compute-stats": Command("global log-mel mean/std of a manifest (for normalize='global')",
                              _args_compute_stats, _run_compute_stats),
@@ -100,12 +129,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``streamssl`` console script; returns the exit status."""
+    from streamssl.checkpoint import CheckpointError
     from streamssl.data.audio import AudioReadError
 
     args = build_parser().parse_args(argv)
     try:
         return int(args._run(args) or 0)
-    except (ValueError, OSError, AudioReadError) as e:
+    except (ValueError, OSError, AudioReadError, CheckpointError) as e:
         # These errors name the argument, file or line; a traceback would only bury that.
         print(f"streamssl {args.command}: error: {e}", file=sys.stderr)
         return 1

@@ -86,8 +86,6 @@ class ModelConfig:
     masking: MaskingConfig = field(default_factory=MaskingConfig)
     quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
-    # "fused": streamssl's C++/CUDA ops; "reference": the pure-PyTorch ops (for comparisons).
-    ops: str = "fused"
 
 
 @dataclass
@@ -252,7 +250,6 @@ def _validate(cfg: DictConfig) -> None:
     need(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
     need(d.batch_seconds > 0, "data.batch_seconds", "must be > 0")
     need(d.num_workers >= 0, "data.num_workers", "must be >= 0")
-    need(m.ops in ("fused", "reference"), "model.ops", "must be fused or reference")
     need(m.features.normalize in ("none", "global"), "model.features.normalize",
          "must be none or global (per_utterance needs the future: it is for targets only)")
     need(m.features.n_mels == m.encoder.feat_in, "model.encoder.feat_in",

@@ -45,6 +45,6 @@ def code_usage(tokens: torch.Tensor, num_codes: int) -> tuple[float, float]:
     counts = torch.bincount(tokens.flatten(), minlength=num_codes).double()
     p = counts / counts.sum()
     nz = p[p > 0]
-    entropy = float(-(nz * nz.log2()).sum())
+    entropy = max(0.0, float(-(nz * nz.log2()).sum()))  # max: no "-0.0" for a single code
     coverage = float((counts > 0).sum()) / num_codes
     return coverage, entropy if math.isfinite(entropy) else 0.0
