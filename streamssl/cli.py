@@ -107,10 +107,103 @@ def _run_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- export-encoder --------------------------------------------------------------------------------
+def _args_export_encoder(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", metavar="CKPT", help="pretraining checkpoint (<run>/checkpoints/last.pt)")
+    p.add_argument("out", metavar="OUT", help="encoder file to write (load with streamssl.load_encoder)")
+
+
+def _run_export_encoder(args: argparse.Namespace) -> int:
+    from streamssl.export import export_encoder, load_encoder
+
+    path = export_encoder(args.checkpoint, args.out)
+    enc = load_encoder(path)
+    n = sum(p.numel() for p in enc.parameters())
+    print(f"wrote {path}: FastConformerEncoder d_model={enc.d_model}, {enc.n_layers} layers, "
+          f"{n / 1e6:.2f} M parameters, att_context_size={list(enc.att_context_size)}")
+    return 0
+
+
+# -- stream ----------------------------------------------------------------------------------------
+def _args_stream(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", metavar="CKPT", help="exported encoder or pretraining checkpoint")
+    p.add_argument("audio", metavar="AUDIO", help="audio file (any rate soundfile reads; resampled)")
+    p.add_argument("--att-context-size", default=None, metavar="L,R",
+                   help="context to stream with (one of the trained ones); default: the first")
+    p.add_argument("--chunks-per-step", type=int, default=1, help="encoder chunks fed per step")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads (1: as on a device)")
+
+
+def _run_stream(args: argparse.Namespace) -> int:
+    import torch
+
+    from streamssl.data.audio import load_audio
+    from streamssl.export import load_encoder
+    from streamssl.stream import stream_audio
+
+    torch.set_num_threads(args.threads)
+    enc, feats = load_encoder(args.checkpoint, with_features=True)
+    if args.att_context_size:
+        try:
+            pair = [int(v) for v in args.att_context_size.split(",")]
+        except ValueError:
+            raise ValueError(f"--att-context-size: expected L,R, got {args.att_context_size!r}") from None
+        enc.set_default_att_context_size(pair)
+    audio = torch.from_numpy(load_audio(args.audio, sample_rate=feats.sample_rate))
+    r = stream_audio(enc, feats, audio, chunks_per_step=args.chunks_per_step)
+    steps = sorted(r["step_ms"])
+    p95 = steps[min(len(steps) - 1, int(0.95 * len(steps)))] if steps else float("nan")
+    print(f"audio: {args.audio} ({r['seconds']:.2f} s), att_context_size={list(enc.att_context_size)} "
+          f"({enc.att_context_style})")
+    print(f"chunk: {r['chunk_ms']:.0f} ms of audio per step; algorithmic lookahead {r['lookahead_ms']:.0f} ms, "
+          f"latency {r['latency_ms']:.0f} ms")
+    print(f"compute per step: mean {sum(steps) / max(len(steps), 1):.2f} ms, p95 {p95:.2f} ms over {len(steps)} steps "
+          f"({args.threads} thread(s))")
+    print(f"real-time factor: {r['rtf']:.3f}")
+    print(f"encoder frames: {r['output'].shape[0]}; streaming vs offline max |diff| = {r['max_abs_diff']:.2e}")
+    return 0
+
+
+# -- info ------------------------------------------------------------------------------------------
+def _args_info(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=None, help="recipe to describe (default: demo)")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value")
+
+
+def _run_info(args: argparse.Namespace) -> int:
+    import torch
+
+    import streamssl
+    from streamssl import ops
+    from streamssl.config import load_config, resolve_recipe
+    from streamssl.nn.encoder import FastConformerEncoder
+
+    print(f"streamssl {streamssl.__version__}, torch {torch.__version__}, "
+          f"CUDA available: {torch.cuda.is_available()}")
+    print(f"ops backend: {ops.backend()}")
+    cfg = load_config(args.config, args.overrides)
+    from omegaconf import OmegaConf
+
+    enc_cfg = OmegaConf.to_container(cfg.model.encoder, resolve=True)
+    enc = FastConformerEncoder(**enc_cfg)
+    n = sum(p.numel() for p in enc.parameters())
+    print(f"recipe: {resolve_recipe(args.config)}; encoder {n / 1e6:.2f} M parameters")
+    for pair in enc.att_context_sizes:
+        enc.set_default_att_context_size(list(pair))
+        print(f"  att_context_size={list(pair)} ({enc.att_context_style}): chunk {enc.chunk_ms():.0f} ms, "
+              f"lookahead {enc.lookahead_ms():.0f} ms, algorithmic latency {enc.latency_ms():.0f} ms")
+    return 0
+
+
 # -- table -----------------------------------------------------------------------------------------
 COMMANDS: dict[str, Command] = {
     "pretrain": Command("NEST/BEST-RQ pretraining of a streaming encoder (resumes from --out)",
                         _args_pretrain, _run_pretrain),
+    "export-encoder": Command("write the encoder of a pretraining checkpoint for fine-tuning",
+                              _args_export_encoder, _run_export_encoder),
+    "stream": Command("stream an audio file chunk by chunk through an encoder; latency and RTF",
+                      _args_stream, _run_stream),
+    "info": Command("ops backend, and the chunk size / lookahead / latency of a recipe", _args_info, _run_info),
     "demo-data": Command("write the small synthetic demo corpus", _args_demo_data, _run_demo_data),
     "compute-stats": Command("global log-mel mean/std of a manifest (for normalize='global')",
                              _args_compute_stats, _run_compute_stats),

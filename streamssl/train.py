@@ -224,7 +224,29 @@ class Trainer:
         if self.is_main:
             print(f"streamssl: resuming from {last} at step {self.step}", file=sys.stderr, flush=True)
 
+    @torch.no_grad()
+    def check_replicas(self) -> None:
+        """Raise if the ranks' parameters differ (a DDP desync would silently waste the run).
+
+        Each rank reduces its parameters to a few float64 moments; bit-identical replicas give
+        bit-identical moments, so any difference is a real divergence.
+        """
+        if self.world == 1:
+            return
+        moments = torch.zeros(3, dtype=torch.float64, device=self.device)
+        for p in self.model.parameters():
+            x = p.detach().double().flatten()
+            moments += torch.stack([x.sum(), x.square().sum(), (x * torch.arange(x.numel(), device=x.device)).sum()])
+        gathered = [torch.empty_like(moments) for _ in range(self.world)]
+        if dist.get_backend() != "nccl":
+            moments = moments.cpu()
+            gathered = [g.cpu() for g in gathered]
+        dist.all_gather(gathered, moments)
+        if any(not torch.equal(g, gathered[0]) for g in gathered):
+            raise RuntimeError(f"step {self.step}: model replicas differ across ranks: {[g.tolist() for g in gathered]}")
+
     def save(self) -> Path | None:
+        self.check_replicas()
         if not self.is_main:
             return None
         return save_checkpoint(self.state_dict(), self.ckpt_dir, self.step, self.cfg.trainer.keep_last)
@@ -318,6 +340,8 @@ class Trainer:
                               shuffle=False, strict=d.strict)
         self.model.eval()
         sums = {"loss": 0.0, "acc": 0.0, "num_targets": 0, "seconds": 0.0, "skipped": 0}
+        q = self.cfg.model.quantizer
+        counts = torch.zeros(q.num_codebooks, q.num_codes, dtype=torch.float64)
         try:
             for k, raw in enumerate(loader):
                 if k >= t.max_val_batches:
@@ -327,10 +351,20 @@ class Trainer:
                 sums["loss"] += float(out["loss"]) * n
                 sums["acc"] += float(out["acc"]) * n
                 sums["num_targets"] += n
+                for g in range(q.num_codebooks):
+                    counts[g] += torch.bincount(out["targets"][:, g].cpu(), minlength=q.num_codes).double()
         finally:
             self.model.train()
         m = self._reduce(sums)
-        return {"val_loss": m["loss"], "val_acc": m["acc"], "val_targets": m["num_targets"]}
+        if self.world > 1:
+            counts = counts.to(self.device if dist.get_backend() == "nccl" else "cpu")
+            dist.all_reduce(counts)
+            counts = counts.cpu()
+        # Accuracy of always predicting each codebook's most frequent target: the bar a model
+        # that learned nothing about the input would reach.
+        total = counts.sum(-1).clamp(min=1)
+        majority = float((counts.max(-1).values / total).mean())
+        return {"val_loss": m["loss"], "val_acc": m["acc"], "val_majority_acc": majority, "val_targets": m["num_targets"]}
 
     # -- the loop ----------------------------------------------------------------------------------
     def fit(self) -> dict:
