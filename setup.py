@@ -1,7 +1,8 @@
 """Packaging glue that pyproject.toml cannot express.
 
-* The C++/CUDA sources (csrc/) travel inside the package as streamssl/_csrc, so the JIT build on
-  first use also works from a wheel or a non-editable install.
+* The C++/CUDA sources (csrc/) and the recipes (configs/) travel inside the package as
+  streamssl/_csrc and streamssl/_configs, so the JIT build on first use and the bundled recipes
+  also work from a wheel or a non-editable install.
 * ``STREAMSSL_BUILD_EXT=1 pip install --no-build-isolation .`` compiles the extension ahead of time
   (for wheels); the CUDA sources are included when nvcc is found, exactly as in the JIT build.
 """
@@ -20,10 +21,11 @@ ROOT = Path(__file__).resolve().parent
 class BuildPyWithSources(build_py):
     def run(self):
         super().run()
-        dst = Path(self.build_lib) / "streamssl" / "_csrc"
-        if dst.exists():
-            shutil.rmtree(dst)
-        shutil.copytree(ROOT / "csrc", dst)
+        for src, name in (("csrc", "_csrc"), ("configs", "_configs")):
+            dst = Path(self.build_lib) / "streamssl" / name
+            if dst.exists():
+                shutil.rmtree(dst)
+            shutil.copytree(ROOT / src, dst)
 
 
 def _ahead_of_time_extension():

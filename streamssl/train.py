@@ -362,9 +362,14 @@ class Trainer:
             counts = counts.cpu()
         # Accuracy of always predicting each codebook's most frequent target: the bar a model
         # that learned nothing about the input would reach.
-        total = counts.sum(-1).clamp(min=1)
-        majority = float((counts.max(-1).values / total).mean())
-        return {"val_loss": m["loss"], "val_acc": m["acc"], "val_majority_acc": majority, "val_targets": m["num_targets"]}
+        total = counts.sum(-1, keepdim=True).clamp(min=1)
+        p = counts / total
+        majority = float(p.max(-1).values.mean())
+        # The cross-entropy of the validation targets' own marginal distribution (nats): the
+        # lowest loss any model that ignores its input can reach on this set.
+        marginal = float(-(p * p.clamp(min=1e-30).log()).sum(-1).mean())
+        return {"val_loss": m["loss"], "val_acc": m["acc"], "val_majority_acc": majority,
+                "val_marginal_ce": marginal, "val_targets": m["num_targets"]}
 
     # -- the loop ----------------------------------------------------------------------------------
     def fit(self) -> dict:
