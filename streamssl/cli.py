@@ -24,8 +24,8 @@ class Command(NamedTuple):
 def _args_demo_data(p: argparse.ArgumentParser) -> None:
     p.add_argument("out_dir", metavar="OUT_DIR", help="directory to write the corpus into")
     p.add_argument("--seed", type=int, default=0, help="corpus seed (same seed, same bytes)")
-    p.add_argument("--n-train", type=int, default=48, help="training utterances (2-12 s each)")
-    p.add_argument("--n-val", type=int, default=8, help="validation utterances")
+    p.add_argument("--n-train", type=int, default=160, help="training utterances (2-12 s each)")
+    p.add_argument("--n-val", type=int, default=24, help="validation utterances")
     p.add_argument("--n-noise", type=int, default=6, help="noise files (6-10 s each)")
 
 

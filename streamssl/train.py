@@ -283,7 +283,6 @@ class Trainer:
         t = self.cfg.trainer
         self.model.train()
         seed = step_seed(t.seed, self.step, self.rank)
-        torch.manual_seed(seed)  # dropout
         gen = torch.Generator(device=self.device).manual_seed(seed)  # augmentation, dither
         self.optimizer.zero_grad(set_to_none=True)
         sums = {"loss": 0.0, "acc": 0.0, "num_targets": 0, "seconds": 0.0, "skipped": 0}
@@ -291,6 +290,9 @@ class Trainer:
         accum = t.accumulate_grad_batches
         for micro in range(accum):
             raw = next(batches)
+            # Dropout draws from the global RNG. Seed it after fetching the batch: starting a
+            # DataLoader iterator (as a resumed run does) consumes global random numbers.
+            torch.manual_seed(seed + micro)
             batch = self._to_device(raw)
             sync = self.ddp.no_sync() if (self.ddp is not None and micro < accum - 1) else nullcontext()
             with sync:

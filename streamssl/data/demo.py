@@ -303,13 +303,14 @@ def _speakers(seed: int, n: int = 6) -> list[tuple[float, float]]:
     return list(zip(f0.tolist(), vtl.tolist()))
 
 
-def make_demo_corpus(out_dir: str | os.PathLike, seed: int = 0, n_train: int = 48, n_val: int = 8,
+def make_demo_corpus(out_dir: str | os.PathLike, seed: int = 0, n_train: int = 160, n_val: int = 24,
                      n_noise: int = 6) -> DemoCorpus:
     """Write the demo corpus (module docstring) under ``out_dir`` and return its paths.
 
-    The defaults give about 6 minutes of training speech (utterances 2 to 12 s, 6 speakers,
-    phone transcripts in ``text``), 1 minute of validation speech and 6 noise files of 6 to 10 s
-    (white, pink, brown, hum, babble, machine). Runs in a few seconds.
+    The defaults give about 20 minutes of training speech (utterances 2 to 12 s, 6 speakers,
+    phone transcripts in ``text``), 3 minutes of validation speech and 6 noise files of 6 to 10 s
+    (white, pink, brown, hum, babble, machine): enough that the demo recipe's few hundred steps
+    see each utterance only a few times. Runs in about ten seconds.
     """
     if n_train < 1 or n_val < 1 or n_noise < 1:
         raise ValueError(f"n_train, n_val and n_noise must be >= 1; got {n_train}, {n_val}, {n_noise}")
