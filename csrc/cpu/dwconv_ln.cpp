@@ -1,0 +1,742 @@
+// CPU kernels of causal_dwconv_ln (DESIGN.md, "causal_dwconv_ln"; math in common/dwconv_ln_math.h).
+//
+// Work is split into (batch, time tile) tasks. A task walks its rows in order; for each row it
+// computes the K-tap conv into an L1-resident buffer of C accumulators, takes the LayerNorm
+// statistics from that buffer (two passes), and writes the activation. Channels are the inner
+// loops, written in fixed-width blocks so that g++ vectorises them; the hot loops are compiled
+// twice (AVX2+FMA and baseline x86-64) and picked at load time, since the extension is built
+// without -march flags.
+//
+// Reduced-precision inputs are converted once per row into a ring of the last K rows of
+// cat(cache, x) in float32. Every output row is computed by the same instructions whatever
+// the tiling or the chunking of the sequence, which makes streaming bit-identical.
+//
+// The backward recomputes the conv output rather than storing it. A tile also computes dz for the
+// K-1 rows after it (the input gradient of a frame needs dz of the next K-1 frames). The parameter
+// gradients are accumulated per tile in the accumulation type and summed over tiles in tile order;
+// the tiling depends only on the shapes, so the result has the same bits for any thread count.
+#include "cpu/dwconv_ln.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include "common/dwconv_ln_math.h"
+
+#if defined(__GNUC__) && defined(__x86_64__)
+// The hot loops are compiled once more for AVX2 + FMA + F16C and picked at run time.
+#define STREAMSSL_CPU_AVX2 1
+#define STREAMSSL_CPU_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
+#else
+#define STREAMSSL_CPU_AVX2 0
+#endif
+#if defined(__GNUC__)
+// Helpers are inlined into both variants so that each is compiled for its instruction set.
+#define STREAMSSL_CPU_INLINE __attribute__((always_inline)) inline
+#else
+#define STREAMSSL_CPU_INLINE inline
+#endif
+
+namespace streamssl {
+namespace cpu {
+namespace {
+
+using dwconv_ln::AccOf;
+
+// ---------------------------------------------------------------------------------------------
+// Conversions between the storage and accumulation types, branch-free so that the channel loops
+// vectorise (c10's scalar conversions test for NaN with a float compare, which g++ does not
+// if-convert). Both round to nearest even and give the same bits as c10::Half / c10::BFloat16.
+// ---------------------------------------------------------------------------------------------
+STREAMSSL_CPU_INLINE uint32_t f32_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  return u;
+}
+
+STREAMSSL_CPU_INLINE float f32_from_bits(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+// cond ? a : b as bit arithmetic. A plain ?: whose one arm holds a float operation becomes a
+// branch (the operation "may trap" under -ftrapping-math) and stops the vectoriser.
+STREAMSSL_CPU_INLINE uint32_t blend(bool cond, uint32_t a, uint32_t b) {
+  const uint32_t m = 0u - static_cast<uint32_t>(cond);
+  return (a & m) | (b & ~m);
+}
+
+STREAMSSL_CPU_INLINE float to_acc(float v) { return v; }
+STREAMSSL_CPU_INLINE double to_acc(double v) { return v; }
+
+STREAMSSL_CPU_INLINE float to_acc(c10::BFloat16 v) {
+  return f32_from_bits(static_cast<uint32_t>(v.x) << 16);
+}
+
+STREAMSSL_CPU_INLINE float to_acc(c10::Half v) {
+  const uint32_t h = v.x;
+  const uint32_t shifted_exp = 0x7C00u << 13;
+  uint32_t o = (h & 0x7FFFu) << 13;
+  const uint32_t e = o & shifted_exp;
+  o += (127u - 15u) << 23;  // rebias the exponent
+  const uint32_t inf_nan = o + ((128u - 16u) << 23);
+  // Subnormal: renormalise through an exact float subtraction of 2^-14.
+  const uint32_t subnormal = f32_bits(f32_from_bits(o + (1u << 23)) - f32_from_bits(113u << 23));
+  o = blend(e == shifted_exp, inf_nan, blend(e == 0, subnormal, o));
+  return f32_from_bits(o | ((h & 0x8000u) << 16));
+}
+
+template <typename S>
+STREAMSSL_CPU_INLINE S from_acc(float v);
+
+template <>
+STREAMSSL_CPU_INLINE float from_acc<float>(float v) {
+  return v;
+}
+
+template <typename S>
+STREAMSSL_CPU_INLINE S from_acc(double v) {
+  return v;
+}
+
+template <>
+STREAMSSL_CPU_INLINE c10::BFloat16 from_acc<c10::BFloat16>(float v) {
+  const uint32_t u = f32_bits(v);
+  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  const uint32_t bits = (u & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : rounded;  // NaN as c10 does
+  return c10::BFloat16(static_cast<uint16_t>(bits), c10::BFloat16::from_bits());
+}
+
+template <>
+STREAMSSL_CPU_INLINE c10::Half from_acc<c10::Half>(float v) {
+  uint32_t f = f32_bits(v);
+  const uint32_t sign = f & 0x80000000u;
+  f ^= sign;
+  const uint32_t f16_max = (127u + 16u) << 23;                  // 65536.0f: rounds to inf
+  const uint32_t denorm_magic = ((127u - 15u) + (23u - 10u) + 1u) << 23;  // 0.5f
+  const uint32_t big = f > (255u << 23) ? 0x7E00u : 0x7C00u;    // NaN : inf
+  // Below 2^-14 the result is subnormal: adding 0.5f aligns the mantissa so that the FPU's own
+  // round-to-nearest-even does the rounding.
+  const uint32_t small = f32_bits(f32_from_bits(f) + f32_from_bits(denorm_magic)) - denorm_magic;
+  // Normal: rebias, and round to nearest even by hand.
+  const uint32_t normal = (f + ((15u - 127u) << 23) + 0xFFFu + ((f >> 13) & 1u)) >> 13;
+  const uint32_t o = blend(f >= f16_max, big, blend(f < (113u << 23), small, normal));
+  return c10::Half(static_cast<uint16_t>(o | (sign >> 16)), c10::Half::from_bits());
+}
+
+// g++ vector types for the tap loop: 32 bytes (one AVX register, two SSE registers). Loops over
+// arrays of accumulators are vectorised by g++ only when it can prove enough about them, and it
+// then keeps them in memory; vector types put the accumulators in registers by construction.
+template <typename A>
+struct VecOf {
+  typedef A type __attribute__((vector_size(32)));  // (g++ ignores the attribute in an alias)
+};
+template <typename A>
+using Vec = typename VecOf<A>::type;
+static_assert(sizeof(Vec<float>) == 32 && sizeof(Vec<double>) == 32, "g++ vector types");
+template <typename A>
+constexpr int kVecLanes = 32 / static_cast<int>(sizeof(A));
+// Vectors per block of the tap loop: 4 (128 bytes of channels, 4 of 16 AVX registers).
+constexpr int kConvVecs = 4;
+
+template <typename A>
+STREAMSSL_CPU_INLINE Vec<A> vload(const A* p) {
+  Vec<A> v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+template <typename A>
+STREAMSSL_CPU_INLINE void vstore(A* p, const Vec<A>& v) {
+  std::memcpy(p, &v, sizeof v);
+}
+
+// out[c] = init[c] (or 0 when init is null) + sum_j w[j * C + c] * rows[j][c], for all c < C:
+// the conv of one frame (rows = its K taps of xp) and the input gradient of one frame (rows =
+// dz of the K frames after it, reversed).
+template <typename A>
+STREAMSSL_CPU_INLINE void tap_row(const A* const* rows, const A* w, const A* init, int K,
+                                  int64_t C, A* out) {
+  constexpr int V = kVecLanes<A>, N = kConvVecs;
+  int64_t c0 = 0;
+  for (; c0 + N * V <= C; c0 += N * V) {
+    Vec<A> acc[N];
+    for (int l = 0; l < N; ++l) acc[l] = init ? vload(init + c0 + l * V) : Vec<A>{};
+    dwconv_ln::conv_taps<N>(
+        acc, K, [&](int j, int l) { return vload(w + j * C + c0 + l * V); },
+        [&](int j, int l) { return vload(rows[j] + c0 + l * V); });
+    for (int l = 0; l < N; ++l) vstore(out + c0 + l * V, acc[l]);
+  }
+  for (; c0 < C; ++c0) {
+    A acc[1] = {init ? init[c0] : A(0)};
+    dwconv_ln::conv_taps<1>(
+        acc, K, [&](int j, int) { return w[j * C + c0]; },
+        [&](int j, int) { return rows[j][c0]; });
+    out[c0] = acc[0];
+  }
+}
+
+// Independent partial sums in the row reductions (their combination order is fixed).
+template <typename A>
+constexpr int kLanes = 64 / static_cast<int>(sizeof(A));
+
+// Parameters in the accumulation type: taps transposed to (K, C) so that the channel loop is
+// contiguous, then bias (zeros when absent), gamma, beta, and a row of zeros for missing cache.
+template <typename A>
+struct PackedParams {
+  std::vector<A> buf;
+  const A* wT = nullptr;
+  const A* bias = nullptr;
+  const A* gamma = nullptr;
+  const A* beta = nullptr;
+  const A* zeros = nullptr;
+};
+
+template <typename A>
+PackedParams<A> pack_params(const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                            const at::Tensor& ln_weight, const at::Tensor& ln_bias) {
+  const auto acc = std::is_same<A, double>::value ? at::kDouble : at::kFloat;
+  const int64_t C = weight.size(0), K = weight.size(1);
+  PackedParams<A> p;
+  p.buf.assign(static_cast<size_t>((K + 4) * C), A(0));
+  A* wT = p.buf.data();
+  const at::Tensor w = weight.to(acc).contiguous();
+  const A* ws = w.data_ptr<A>();
+  for (int64_t c = 0; c < C; ++c) {
+    for (int64_t j = 0; j < K; ++j) wT[j * C + c] = ws[c * K + j];
+  }
+  A* rest = wT + K * C;
+  if (bias.has_value()) {
+    const at::Tensor b = bias->to(acc).contiguous();
+    std::memcpy(rest, b.data_ptr<A>(), sizeof(A) * C);
+  }
+  const at::Tensor g = ln_weight.to(acc).contiguous();
+  const at::Tensor be = ln_bias.to(acc).contiguous();
+  std::memcpy(rest + C, g.data_ptr<A>(), sizeof(A) * C);
+  std::memcpy(rest + 2 * C, be.data_ptr<A>(), sizeof(A) * C);
+  p.wT = wT;
+  p.bias = rest;
+  p.gamma = rest + C;
+  p.beta = rest + 2 * C;
+  p.zeros = rest + 3 * C;
+  return p;
+}
+
+template <typename S, typename A>
+struct Args {
+  const S* x;
+  const S* cache;  // nullptr: zeros
+  const A* wT;
+  const A* bias;
+  const A* gamma;
+  const A* beta;
+  const A* zeros;
+  A* mean;
+  A* rstd;
+  int64_t T, C;
+  int K;
+  A eps;
+  // forward
+  S* y;
+  // backward
+  const S* dy;
+  S* dx;
+};
+
+// Rows of xp = cat(cache, x) for one batch element, in the accumulation type, for a window of
+// K rows sliding forward: direct pointers for float32/float64, a converted ring otherwise.
+template <typename S, typename A>
+class XpRows {
+ public:
+  XpRows(const Args<S, A>& a, int64_t b, A* ring, int64_t first)
+      : a_(a), b_(b), ring_(ring), next_(first) {}
+
+  STREAMSSL_CPU_INLINE const A* row(int64_t i) {
+    if constexpr (std::is_same<S, A>::value) {
+      return source(i);
+    } else {
+      const int64_t C = a_.C;
+      for (; next_ <= i; ++next_) {
+        A* dst = ring_ + (next_ % a_.K) * C;
+        if (next_ < a_.K - 1 && a_.cache == nullptr) {
+          std::memset(dst, 0, sizeof(A) * C);
+        } else {
+          const S* src = source(next_);
+          for (int64_t c = 0; c < C; ++c) dst[c] = to_acc(src[c]);
+        }
+      }
+      return ring_ + (i % a_.K) * C;
+    }
+  }
+
+ private:
+  STREAMSSL_CPU_INLINE const auto* source(int64_t i) const {
+    const dwconv_ln::TapSource s = dwconv_ln::tap_source(i, 0, a_.K);
+    if constexpr (std::is_same<S, A>::value) {
+      if (s.from_cache) {
+        return a_.cache ? a_.cache + (b_ * (a_.K - 1) + s.row) * a_.C : a_.zeros;
+      }
+      return a_.x + (b_ * a_.T + s.row) * a_.C;
+    } else {
+      return s.from_cache ? a_.cache + (b_ * (a_.K - 1) + s.row) * a_.C
+                          : a_.x + (b_ * a_.T + s.row) * a_.C;
+    }
+  }
+
+  const Args<S, A>& a_;
+  int64_t b_;
+  A* ring_;
+  int64_t next_;
+};
+
+// sum_c f(v[c]) with kLanes partial sums combined in a fixed tree.
+template <typename A, typename F>
+STREAMSSL_CPU_INLINE A lane_sum(const A* v, int64_t n, F f) {
+  constexpr int L = kLanes<A>;
+  A s[L] = {};
+  int64_t i = 0;
+  for (; i + L <= n; i += L) {
+    for (int l = 0; l < L; ++l) s[l] += f(v[i + l]);
+  }
+  for (int l = 0; i < n; ++i, ++l) s[l] += f(v[i]);
+  for (int w = L / 2; w >= 1; w /= 2) {
+    for (int l = 0; l < w; ++l) s[l] += s[l + w];
+  }
+  return s[0];
+}
+
+template <typename A>
+STREAMSSL_CPU_INLINE void row_stats(const A* z, int64_t C, A eps, A& mean, A& rstd) {
+  mean = dwconv_ln::ln_mean(lane_sum(z, C, [](A v) { return v; }), C);
+  const A m = mean;
+  rstd = dwconv_ln::ln_rstd(lane_sum(z, C, [m](A v) {
+                              const A d = v - m;
+                              return d * d;
+                            }),
+                            C, eps);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward
+// ---------------------------------------------------------------------------------------------
+
+// Per-thread buffers: rows of accumulators and arrays of row pointers.
+template <typename A>
+struct Scratch {
+  std::vector<A> rows;
+  std::vector<const A*> ptrs;
+  Scratch(size_t n_rows, size_t n_ptrs) : rows(n_rows), ptrs(n_ptrs) {}
+};
+
+template <typename A>
+Scratch<A> forward_scratch(int64_t C, int K) {
+  return Scratch<A>(static_cast<size_t>(C) * (K + 1), static_cast<size_t>(K));
+}
+
+// Rows [t0, t1) of batch element b.
+template <typename S, typename A, bool kSwish>
+STREAMSSL_CPU_INLINE void forward_rows(const Args<S, A>& a, int64_t b, int64_t t0, int64_t t1,
+                                       Scratch<A>& scratch) {
+  const int64_t C = a.C, T = a.T;
+  const int K = a.K;
+  A* z = scratch.rows.data();
+  A* ring = z + C;
+  const A** src = scratch.ptrs.data();
+  XpRows<S, A> xp(a, b, ring, t0);
+  for (int64_t t = t0; t < t1; ++t) {
+    for (int j = 0; j < K; ++j) src[j] = xp.row(t + j);
+    tap_row(src, a.wT, a.bias, K, C, z);
+    A mean, rstd;
+    row_stats(z, C, a.eps, mean, rstd);
+    a.mean[b * T + t] = mean;
+    a.rstd[b * T + t] = rstd;
+    S* y = a.y + (b * T + t) * C;
+    for (int64_t c = 0; c < C; ++c) {
+      y[c] = from_acc<S>(
+          dwconv_ln::ln_act(dwconv_ln::ln_xhat(z[c], mean, rstd), a.gamma[c], a.beta[c], kSwish));
+    }
+  }
+}
+
+struct Tiling {
+  int64_t rows;     // rows per tile
+  int64_t per_seq;  // tiles per sequence
+};
+
+template <typename S, typename A, bool kSwish>
+STREAMSSL_CPU_INLINE void forward_tasks_body(const Args<S, A>& a, Tiling tiling, int64_t task0,
+                                             int64_t task1, Scratch<A>& scratch) {
+  for (int64_t task = task0; task < task1; ++task) {
+    const int64_t b = task / tiling.per_seq;
+    const int64_t t0 = (task % tiling.per_seq) * tiling.rows;
+    forward_rows<S, A, kSwish>(a, b, t0, std::min(t0 + tiling.rows, a.T), scratch);
+  }
+}
+
+bool cpu_has_avx2() {
+#if STREAMSSL_CPU_AVX2
+  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                          __builtin_cpu_supports("f16c");
+  return yes;
+#else
+  return false;
+#endif
+}
+
+#if STREAMSSL_CPU_AVX2
+template <typename S, typename A, bool kSwish>
+STREAMSSL_CPU_TARGET_AVX2 void forward_tasks_avx2(const Args<S, A>& a, Tiling tiling,
+                                                  int64_t task0, int64_t task1,
+                                                  Scratch<A>& scratch) {
+  forward_tasks_body<S, A, kSwish>(a, tiling, task0, task1, scratch);
+}
+#endif
+
+template <typename S, typename A, bool kSwish>
+void forward_tasks(const Args<S, A>& a, Tiling tiling, int64_t task0, int64_t task1,
+                   Scratch<A>& scratch) {
+#if STREAMSSL_CPU_AVX2
+  if (cpu_has_avx2()) return forward_tasks_avx2<S, A, kSwish>(a, tiling, task0, task1, scratch);
+#endif
+  forward_tasks_body<S, A, kSwish>(a, tiling, task0, task1, scratch);
+}
+
+// Below this many multiply-adds a call runs on the calling thread (waking the pool costs more).
+constexpr int64_t kSerialWork = 1 << 16;
+
+template <typename S, typename A, bool kSwish>
+void forward_impl(const Args<S, A>& a, int64_t B) {
+  const int64_t T = a.T, C = a.C;
+  const int K = a.K;
+  // Tiles only balance the load here (no reduction crosses rows), so they may follow the thread
+  // count; a tile is long enough that its K-1 rows of halo conversion stay cheap.
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t min_rows = 16 + 4 * static_cast<int64_t>(K - 1);
+  int64_t per_seq = (4 * threads + B - 1) / B;
+  per_seq = std::max<int64_t>(1, std::min(per_seq, (T + min_rows - 1) / min_rows));
+  Tiling tiling{(T + per_seq - 1) / per_seq, 0};
+  tiling.per_seq = (T + tiling.rows - 1) / tiling.rows;
+  const int64_t tasks = B * tiling.per_seq;
+  const int64_t work_per_task = tiling.rows * C * (K + 8);
+  const int64_t grain = std::max<int64_t>(1, kSerialWork / std::max<int64_t>(1, work_per_task));
+  if (tasks <= grain) {
+    Scratch<A> scratch = forward_scratch<A>(C, K);
+    forward_tasks<S, A, kSwish>(a, tiling, 0, tasks, scratch);
+    return;
+  }
+  at::parallel_for(0, tasks, grain, [&](int64_t t0, int64_t t1) {
+    Scratch<A> scratch = forward_scratch<A>(C, K);
+    forward_tasks<S, A, kSwish>(a, tiling, t0, t1, scratch);
+  });
+}
+
+// new_cache[b, k] = xp[b, T + k] for k < K-1.
+template <typename S>
+void write_new_cache(const S* x, const S* cache, S* out, int64_t B, int64_t T, int64_t C, int K) {
+  const int64_t R = K - 1;
+  const size_t row_bytes = sizeof(S) * C;
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t k = 0; k < R; ++k) {
+      const dwconv_ln::TapSource s = dwconv_ln::tap_source(T + k, 0, K);
+      S* dst = out + (b * R + k) * C;
+      if (!s.from_cache) {
+        std::memcpy(dst, x + (b * T + s.row) * C, row_bytes);
+      } else if (cache != nullptr) {
+        std::memcpy(dst, cache + (b * R + s.row) * C, row_bytes);
+      } else {
+        std::memset(dst, 0, row_bytes);  // all-zero bits are +0 in every float format we take
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward
+// ---------------------------------------------------------------------------------------------
+
+// Partial gradients of one tile, rows of C: dw taps 0..K-1, dbias, dgamma, dbeta.
+template <typename A>
+int64_t partial_size(int64_t C, int K) {
+  return (static_cast<int64_t>(K) + 3) * C;
+}
+
+template <typename A>
+Scratch<A> backward_scratch(int64_t C, int K) {
+  // xp ring, dz ring (K rows each), z/xhat, g, dy, discarded halo partials (2 rows); tap rows
+  // of xp and of dz.
+  return Scratch<A>(static_cast<size_t>(C) * (2 * K + 5), static_cast<size_t>(3 * K));
+}
+
+template <typename S, typename A, bool kSwish>
+STREAMSSL_CPU_INLINE void backward_rows(const Args<S, A>& a, int64_t b, int64_t t0, int64_t t1,
+                                        A* part, Scratch<A>& scratch) {
+  const int64_t C = a.C, T = a.T;
+  const int K = a.K;
+  constexpr int L = kLanes<A>;
+  A* ring = scratch.rows.data();
+  A* dz_ring = ring + static_cast<int64_t>(K) * C;
+  A* z = dz_ring + static_cast<int64_t>(K) * C;  // conv output, then xhat
+  A* gbuf = z + C;
+  A* dybuf = gbuf + C;
+  A* discard = dybuf + C;  // dgamma/dbeta of halo rows, which belong to the next tile
+  const A** src = scratch.ptrs.data();
+  const A** dz_rows = src + K;  // dz_rows[u % K] = dz of row u
+  const A** dz_taps = dz_rows + K;  // dz_taps[j] = dz of row u - j
+
+  A* dw_part = part;
+  A* dbias_part = part + static_cast<int64_t>(K) * C;
+  XpRows<S, A> xp(a, b, ring, t0);
+  const int64_t u_end = std::min<int64_t>(t1 + K - 1, T);  // rows whose dz this tile needs
+  for (int64_t u = t0; u < t1 + K - 1; ++u) {
+    if (u < u_end) {
+      const bool own = u < t1;
+      for (int j = 0; j < K; ++j) src[j] = xp.row(u + j);
+      tap_row(src, a.wT, a.bias, K, C, z);
+      const A mean = a.mean[b * T + u], rstd = a.rstd[b * T + u];
+      const S* dy_s = a.dy + (b * T + u) * C;
+      const A* dy;
+      if constexpr (std::is_same<S, A>::value) {
+        dy = dy_s;
+      } else {
+        for (int64_t c = 0; c < C; ++c) dybuf[c] = to_acc(dy_s[c]);
+        dy = dybuf;
+      }
+      A* dgamma = own ? part + static_cast<int64_t>(K + 1) * C : discard;
+      A* dbeta = own ? part + static_cast<int64_t>(K + 2) * C : discard + C;
+      // Pass 1: xhat (over z), g = dL/dh * gamma, the row sums of g and g * xhat.
+      A sg[L] = {}, sgx[L] = {};
+      auto pass1 = [&](int64_t c, int l) {
+        const A xh = dwconv_ln::ln_xhat(z[c], mean, rstd);
+        const A dh = dwconv_ln::act_grad(dy[c], xh, a.gamma[c], a.beta[c], kSwish);
+        const A g = dh * a.gamma[c];
+        z[c] = xh;
+        gbuf[c] = g;
+        dgamma[c] += dh * xh;
+        dbeta[c] += dh;
+        sg[l] += g;
+        sgx[l] += g * xh;
+      };
+      int64_t c = 0;
+      for (; c + L <= C; c += L) {
+        for (int l = 0; l < L; ++l) pass1(c + l, l);
+      }
+      for (int l = 0; c < C; ++c, ++l) pass1(c, l);
+      for (int w = L / 2; w >= 1; w /= 2) {
+        for (int l = 0; l < w; ++l) {
+          sg[l] += sg[l + w];
+          sgx[l] += sgx[l + w];
+        }
+      }
+      const A mean_g = dwconv_ln::ln_mean(sg[0], C), mean_gx = dwconv_ln::ln_mean(sgx[0], C);
+      // Pass 2: dz, and this row's share of the parameter gradients.
+      A* dz = dz_ring + (u % K) * C;
+      for (int64_t i = 0; i < C; ++i) {
+        dz[i] = dwconv_ln::ln_input_grad(gbuf[i], z[i], mean_g, mean_gx, rstd);
+      }
+      if (own) {
+        for (int64_t i = 0; i < C; ++i) dbias_part[i] += dz[i];
+        for (int j = 0; j < K; ++j) {
+          A* dwj = dw_part + static_cast<int64_t>(j) * C;
+          const A* s = src[j];
+          for (int64_t i = 0; i < C; ++i) dwj[i] += dz[i] * s[i];
+        }
+      }
+      dz_rows[u % K] = dz;
+    } else {
+      dz_rows[u % K] = a.zeros;  // beyond the sequence
+    }
+    // dx[s] = sum_j w[j] dz[s + K-1 - j] = sum_j w[j] dz[u - j], all rows of this tile.
+    const int64_t s = u - (K - 1);
+    if (s >= t0) {
+      S* dx = a.dx + (b * T + s) * C;
+      for (int j = 0; j < K; ++j) dz_taps[j] = dz_rows[(u - j) % K];
+      if constexpr (std::is_same<S, A>::value) {
+        tap_row<A>(dz_taps, a.wT, nullptr, K, C, dx);
+      } else {
+        A* dx_acc = gbuf;  // g is no longer needed
+        tap_row<A>(dz_taps, a.wT, nullptr, K, C, dx_acc);
+        for (int64_t c = 0; c < C; ++c) dx[c] = from_acc<S>(dx_acc[c]);
+      }
+    }
+  }
+}
+
+template <typename S, typename A, bool kSwish>
+STREAMSSL_CPU_INLINE void backward_tasks_body(const Args<S, A>& a, Tiling tiling, int64_t task0,
+                                              int64_t task1, A* partials, Scratch<A>& scratch) {
+  const int64_t P = partial_size<A>(a.C, a.K);
+  for (int64_t task = task0; task < task1; ++task) {
+    const int64_t b = task / tiling.per_seq;
+    const int64_t t0 = (task % tiling.per_seq) * tiling.rows;
+    A* part = partials + task * P;
+    for (int64_t i = 0; i < P; ++i) part[i] = A(0);
+    backward_rows<S, A, kSwish>(a, b, t0, std::min(t0 + tiling.rows, a.T), part, scratch);
+  }
+}
+
+#if STREAMSSL_CPU_AVX2
+template <typename S, typename A, bool kSwish>
+STREAMSSL_CPU_TARGET_AVX2 void backward_tasks_avx2(const Args<S, A>& a, Tiling tiling,
+                                                   int64_t task0, int64_t task1, A* partials,
+                                                   Scratch<A>& scratch) {
+  backward_tasks_body<S, A, kSwish>(a, tiling, task0, task1, partials, scratch);
+}
+#endif
+
+template <typename S, typename A, bool kSwish>
+void backward_tasks(const Args<S, A>& a, Tiling tiling, int64_t task0, int64_t task1,
+                    A* partials, Scratch<A>& scratch) {
+#if STREAMSSL_CPU_AVX2
+  if (cpu_has_avx2()) {
+    return backward_tasks_avx2<S, A, kSwish>(a, tiling, task0, task1, partials, scratch);
+  }
+#endif
+  backward_tasks_body<S, A, kSwish>(a, tiling, task0, task1, partials, scratch);
+}
+
+// Time tiling of the backward: a function of the shapes only (never of the thread count), so
+// that the tile-ordered sum of the parameter gradients is reproducible everywhere. Tiles are at
+// least 64 rows and 8 halos long (the halo is recomputed) and there are at most ~256 + B of
+// them (the partials stay small).
+Tiling backward_tiling(int64_t B, int64_t T, int K) {
+  const int64_t min_rows = std::max<int64_t>(64, 8 * static_cast<int64_t>(K - 1));
+  const int64_t rows = std::max<int64_t>({min_rows, (B * T + 255) / 256, 1});
+  Tiling t{std::min(rows, std::max<int64_t>(T, 1)), 0};
+  t.per_seq = (T + t.rows - 1) / t.rows;
+  return t;
+}
+
+template <typename A, typename P>
+void store_param_grad(const A* src, int64_t n, at::Tensor& out) {
+  P* o = out.data_ptr<P>();
+  for (int64_t i = 0; i < n; ++i) o[i] = static_cast<P>(src[i]);
+}
+
+// Writes one parameter gradient (contiguous, n elements) from the reduced accumulation buffer.
+template <typename A>
+void store_grad(const A* src, int64_t n, at::Tensor& out) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "causal_dwconv_ln_grad", [&] {
+    store_param_grad<A, scalar_t>(src, n, out);
+  });
+}
+
+template <typename S, typename A, bool kSwish>
+void backward_impl(const Args<S, A>& a, int64_t B, at::Tensor& grad_weight, at::Tensor& grad_bias,
+                   at::Tensor& grad_ln_weight, at::Tensor& grad_ln_bias) {
+  const int64_t C = a.C, T = a.T;
+  const int K = a.K;
+  const Tiling tiling = backward_tiling(B, T, K);
+  const int64_t tasks = B * tiling.per_seq;
+  const int64_t P = partial_size<A>(C, K);
+  std::vector<A> partials(static_cast<size_t>(std::max<int64_t>(tasks, 1) * P), A(0));
+  const int64_t work_per_task = (tiling.rows + K - 1) * C * (3 * K + 16);
+  const int64_t grain = std::max<int64_t>(1, kSerialWork / std::max<int64_t>(1, work_per_task));
+  if (tasks <= grain) {
+    Scratch<A> scratch = backward_scratch<A>(C, K);
+    backward_tasks<S, A, kSwish>(a, tiling, 0, tasks, partials.data(), scratch);
+  } else {
+    at::parallel_for(0, tasks, grain, [&](int64_t t0, int64_t t1) {
+      Scratch<A> scratch = backward_scratch<A>(C, K);
+      backward_tasks<S, A, kSwish>(a, tiling, t0, t1, partials.data(), scratch);
+    });
+  }
+  // Sum the tiles in tile order (parallel over channels only; the order within a sum is fixed).
+  std::vector<A> total(static_cast<size_t>(P), A(0));
+  at::parallel_for(0, P, 4096, [&](int64_t e0, int64_t e1) {
+    for (int64_t task = 0; task < tasks; ++task) {
+      const A* p = partials.data() + task * P;
+      for (int64_t e = e0; e < e1; ++e) total[e] += p[e];
+    }
+  });
+  // dweight back to (C, K).
+  std::vector<A> dw(static_cast<size_t>(K * C));
+  for (int64_t c = 0; c < C; ++c) {
+    for (int j = 0; j < K; ++j) dw[c * K + j] = total[static_cast<int64_t>(j) * C + c];
+  }
+  store_grad(dw.data(), K * C, grad_weight);
+  store_grad(total.data() + static_cast<int64_t>(K) * C, C, grad_bias);
+  store_grad(total.data() + static_cast<int64_t>(K + 1) * C, C, grad_ln_weight);
+  store_grad(total.data() + static_cast<int64_t>(K + 2) * C, C, grad_ln_bias);
+}
+
+template <typename S, typename A>
+Args<S, A> make_args(const at::Tensor& x, const std::optional<at::Tensor>& cache,
+                     const PackedParams<A>& p, int K) {
+  Args<S, A> a{};
+  a.x = x.data_ptr<S>();
+  a.cache = (cache.has_value() && K > 1) ? cache->data_ptr<S>() : nullptr;
+  a.wT = p.wT;
+  a.bias = p.bias;
+  a.gamma = p.gamma;
+  a.beta = p.beta;
+  a.zeros = p.zeros;
+  a.T = x.size(1);
+  a.C = x.size(2);
+  a.K = K;
+  return a;
+}
+
+}  // namespace
+
+void causal_dwconv_ln_forward(const at::Tensor& x, const at::Tensor& weight,
+                              const std::optional<at::Tensor>& bias, const at::Tensor& ln_weight,
+                              const at::Tensor& ln_bias, const std::optional<at::Tensor>& cache,
+                              double eps, bool swish, at::Tensor& y, at::Tensor& new_cache,
+                              at::Tensor& mean, at::Tensor& rstd) {
+  const int64_t B = x.size(0), T = x.size(1), C = x.size(2);
+  const int K = static_cast<int>(weight.size(1));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "causal_dwconv_ln_cpu", [&] {
+    using S = scalar_t;
+    using A = typename AccOf<S>::type;
+    if (B > 0 && K > 1) {
+      write_new_cache<S>(x.data_ptr<S>(), (cache.has_value() ? cache->data_ptr<S>() : nullptr),
+                         new_cache.data_ptr<S>(), B, T, C, K);
+    }
+    if (B == 0 || T == 0) return;
+    const PackedParams<A> p = pack_params<A>(weight, bias, ln_weight, ln_bias);
+    Args<S, A> a = make_args<S, A>(x, cache, p, K);
+    a.eps = static_cast<A>(eps);
+    a.y = y.data_ptr<S>();
+    a.mean = mean.data_ptr<A>();
+    a.rstd = rstd.data_ptr<A>();
+    if (swish) {
+      forward_impl<S, A, true>(a, B);
+    } else {
+      forward_impl<S, A, false>(a, B);
+    }
+  });
+}
+
+void causal_dwconv_ln_backward(const at::Tensor& grad_y, const at::Tensor& x,
+                               const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                               const at::Tensor& ln_weight, const at::Tensor& ln_bias,
+                               const std::optional<at::Tensor>& cache, const at::Tensor& mean,
+                               const at::Tensor& rstd, bool swish, at::Tensor& grad_x,
+                               at::Tensor& grad_weight, at::Tensor& grad_bias,
+                               at::Tensor& grad_ln_weight, at::Tensor& grad_ln_bias) {
+  const int64_t B = x.size(0);
+  const int K = static_cast<int>(weight.size(1));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "causal_dwconv_ln_backward_cpu", [&] {
+    using S = scalar_t;
+    using A = typename AccOf<S>::type;
+    const PackedParams<A> p = pack_params<A>(weight, bias, ln_weight, ln_bias);
+    Args<S, A> a = make_args<S, A>(x, cache, p, K);
+    a.mean = const_cast<A*>(mean.data_ptr<A>());
+    a.rstd = const_cast<A*>(rstd.data_ptr<A>());
+    a.dy = grad_y.data_ptr<S>();
+    a.dx = grad_x.data_ptr<S>();
+    if (swish) {
+      backward_impl<S, A, true>(a, B, grad_weight, grad_bias, grad_ln_weight, grad_ln_bias);
+    } else {
+      backward_impl<S, A, false>(a, B, grad_weight, grad_bias, grad_ln_weight, grad_ln_bias);
+    }
+  });
+}
+
+}  // namespace cpu
+}  // namespace streamssl
