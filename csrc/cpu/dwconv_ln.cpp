@@ -197,28 +197,35 @@ struct PackedParams {
   const A* zeros = nullptr;
 };
 
+// Reads a parameter in the accumulation type (without an ATen call when it already is one: the
+// streaming step is small enough that dispatcher round trips show).
+template <typename A>
+void read_param(const at::Tensor& t, A* out) {
+  const auto acc = std::is_same<A, double>::value ? at::kDouble : at::kFloat;
+  if (t.scalar_type() == acc && t.is_contiguous()) {
+    std::memcpy(out, t.data_ptr<A>(), sizeof(A) * t.numel());
+  } else {
+    const at::Tensor c = t.to(acc).contiguous();
+    std::memcpy(out, c.data_ptr<A>(), sizeof(A) * c.numel());
+  }
+}
+
 template <typename A>
 PackedParams<A> pack_params(const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                             const at::Tensor& ln_weight, const at::Tensor& ln_bias) {
-  const auto acc = std::is_same<A, double>::value ? at::kDouble : at::kFloat;
   const int64_t C = weight.size(0), K = weight.size(1);
   PackedParams<A> p;
-  p.buf.assign(static_cast<size_t>((K + 4) * C), A(0));
+  p.buf.assign(static_cast<size_t>((2 * K + 4) * C), A(0));
   A* wT = p.buf.data();
-  const at::Tensor w = weight.to(acc).contiguous();
-  const A* ws = w.data_ptr<A>();
+  A* ws = wT + K * C;  // (C, K) as given, then transposed into wT
+  read_param(weight, ws);
   for (int64_t c = 0; c < C; ++c) {
     for (int64_t j = 0; j < K; ++j) wT[j * C + c] = ws[c * K + j];
   }
-  A* rest = wT + K * C;
-  if (bias.has_value()) {
-    const at::Tensor b = bias->to(acc).contiguous();
-    std::memcpy(rest, b.data_ptr<A>(), sizeof(A) * C);
-  }
-  const at::Tensor g = ln_weight.to(acc).contiguous();
-  const at::Tensor be = ln_bias.to(acc).contiguous();
-  std::memcpy(rest + C, g.data_ptr<A>(), sizeof(A) * C);
-  std::memcpy(rest + 2 * C, be.data_ptr<A>(), sizeof(A) * C);
+  A* rest = ws + K * C;
+  if (bias.has_value()) read_param(*bias, rest);
+  read_param(ln_weight, rest + C);
+  read_param(ln_bias, rest + 2 * C);
   p.wT = wT;
   p.bias = rest;
   p.gamma = rest + C;
@@ -304,6 +311,22 @@ STREAMSSL_CPU_INLINE A lane_sum(const A* v, int64_t n, F f) {
     for (int l = 0; l < L; ++l) s[l] += f(v[i + l]);
   }
   for (int l = 0; i < n; ++i, ++l) s[l] += f(v[i]);
+  for (int w = L / 2; w >= 1; w /= 2) {
+    for (int l = 0; l < w; ++l) s[l] += s[l + w];
+  }
+  return s[0];
+}
+
+// sum_c u[c] * v[c], lanes as in lane_sum.
+template <typename A>
+STREAMSSL_CPU_INLINE A lane_dot(const A* u, const A* v, int64_t n) {
+  constexpr int L = kLanes<A>;
+  A s[L] = {};
+  int64_t i = 0;
+  for (; i + L <= n; i += L) {
+    for (int l = 0; l < L; ++l) s[l] += u[i + l] * v[i + l];
+  }
+  for (int l = 0; i < n; ++i, ++l) s[l] += u[i] * v[i];
   for (int w = L / 2; w >= 1; w /= 2) {
     for (int l = 0; l < w; ++l) s[l] += s[l + w];
   }
@@ -472,12 +495,32 @@ Scratch<A> backward_scratch(int64_t C, int K) {
   return Scratch<A>(static_cast<size_t>(C) * (2 * K + 5), static_cast<size_t>(3 * K));
 }
 
+// One row through the activation and the affine LayerNorm backward: z (conv output) becomes
+// xhat, g = dL/dh * gamma; dgamma += dL/dh * xhat, dbeta += dL/dh. (restrict: without it g++
+// gives up on the aliasing checks of seven arrays and leaves the loop scalar.)
+template <typename A, bool kSwish>
+STREAMSSL_CPU_INLINE void ln_act_backward_row(const A* STREAMSSL_RESTRICT dy,
+                                              const A* STREAMSSL_RESTRICT gamma,
+                                              const A* STREAMSSL_RESTRICT beta, A mean, A rstd,
+                                              int64_t C, A* STREAMSSL_RESTRICT z,
+                                              A* STREAMSSL_RESTRICT g,
+                                              A* STREAMSSL_RESTRICT dgamma,
+                                              A* STREAMSSL_RESTRICT dbeta) {
+  for (int64_t c = 0; c < C; ++c) {
+    const A xh = dwconv_ln::ln_xhat(z[c], mean, rstd);
+    const A dh = dwconv_ln::act_grad(dy[c], xh, gamma[c], beta[c], kSwish);
+    z[c] = xh;
+    g[c] = dh * gamma[c];
+    dgamma[c] += dh * xh;
+    dbeta[c] += dh;
+  }
+}
+
 template <typename S, typename A, bool kSwish>
 STREAMSSL_CPU_INLINE void backward_rows(const Args<S, A>& a, int64_t b, int64_t t0, int64_t t1,
                                         A* part, Scratch<A>& scratch) {
   const int64_t C = a.C, T = a.T;
   const int K = a.K;
-  constexpr int L = kLanes<A>;
   A* ring = scratch.rows.data();
   A* dz_ring = ring + static_cast<int64_t>(K) * C;
   A* z = dz_ring + static_cast<int64_t>(K) * C;  // conv output, then xhat
@@ -508,31 +551,10 @@ STREAMSSL_CPU_INLINE void backward_rows(const Args<S, A>& a, int64_t b, int64_t 
       }
       A* dgamma = own ? part + static_cast<int64_t>(K + 1) * C : discard;
       A* dbeta = own ? part + static_cast<int64_t>(K + 2) * C : discard + C;
-      // Pass 1: xhat (over z), g = dL/dh * gamma, the row sums of g and g * xhat.
-      A sg[L] = {}, sgx[L] = {};
-      auto pass1 = [&](int64_t c, int l) {
-        const A xh = dwconv_ln::ln_xhat(z[c], mean, rstd);
-        const A dh = dwconv_ln::act_grad(dy[c], xh, a.gamma[c], a.beta[c], kSwish);
-        const A g = dh * a.gamma[c];
-        z[c] = xh;
-        gbuf[c] = g;
-        dgamma[c] += dh * xh;
-        dbeta[c] += dh;
-        sg[l] += g;
-        sgx[l] += g * xh;
-      };
-      int64_t c = 0;
-      for (; c + L <= C; c += L) {
-        for (int l = 0; l < L; ++l) pass1(c + l, l);
-      }
-      for (int l = 0; c < C; ++c, ++l) pass1(c, l);
-      for (int w = L / 2; w >= 1; w /= 2) {
-        for (int l = 0; l < w; ++l) {
-          sg[l] += sg[l + w];
-          sgx[l] += sgx[l + w];
-        }
-      }
-      const A mean_g = dwconv_ln::ln_mean(sg[0], C), mean_gx = dwconv_ln::ln_mean(sgx[0], C);
+      // Pass 1: xhat (over z), g = dL/dh * gamma, this row's share of dgamma and dbeta.
+      ln_act_backward_row<A, kSwish>(dy, a.gamma, a.beta, mean, rstd, C, z, gbuf, dgamma, dbeta);
+      const A mean_g = dwconv_ln::ln_mean(lane_sum(gbuf, C, [](A v) { return v; }), C);
+      const A mean_gx = dwconv_ln::ln_mean(lane_dot(gbuf, z, C), C);
       // Pass 2: dz, and this row's share of the parameter gradients.
       A* dz = dz_ring + (u % K) * C;
       for (int64_t i = 0; i < C; ++i) {
@@ -601,10 +623,10 @@ void backward_tasks(const Args<S, A>& a, Tiling tiling, int64_t task0, int64_t t
 
 // Time tiling of the backward: a function of the shapes only (never of the thread count), so
 // that the tile-ordered sum of the parameter gradients is reproducible everywhere. Tiles are at
-// least 64 rows and 8 halos long (the halo is recomputed) and there are at most ~256 + B of
+// least 128 rows and 16 halos long (the halo is recomputed) and there are at most ~256 + B of
 // them (the partials stay small).
 Tiling backward_tiling(int64_t B, int64_t T, int K) {
-  const int64_t min_rows = std::max<int64_t>(64, 8 * static_cast<int64_t>(K - 1));
+  const int64_t min_rows = std::max<int64_t>(128, 16 * static_cast<int64_t>(K - 1));
   const int64_t rows = std::max<int64_t>({min_rows, (B * T + 255) / 256, 1});
   Tiling t{std::min(rows, std::max<int64_t>(T, 1)), 0};
   t.per_seq = (T + t.rows - 1) / t.rows;

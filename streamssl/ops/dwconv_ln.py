@@ -103,15 +103,42 @@ def causal_dwconv_ln(
     """
     if activation not in ("swish", None):
         raise ValueError(f"activation must be 'swish' or None, got {activation!r}")
-    _check_args(x, weight, bias, ln_weight, ln_bias, cache, eps)
-    from . import uses_extension
-
-    if not uses_extension(x):
+    if not _extension_serves(x):
+        _check_args(x, weight, bias, ln_weight, ln_bias, cache, eps)
         return reference.causal_dwconv_ln(x, weight, bias, ln_weight, ln_bias, cache, eps=eps, activation=activation)
-    y, new_cache, _, _ = torch.ops.streamssl.causal_dwconv_ln(
-        x, weight, bias, ln_weight, ln_bias, cache, float(eps), activation == "swish"
-    )
+    # The op checks its arguments itself (csrc/ops.cpp, and the fake kernel), with messages that
+    # name them; checking here too would double the cost of a streaming step.
+    args = (x, weight, bias, ln_weight, ln_bias, cache, float(eps), activation == "swish")
+    if _needs_autograd(args):
+        y, new_cache, _, _ = torch.ops.streamssl.causal_dwconv_ln(*args)
+    else:
+        # Nothing to differentiate: skip the Python autograd kernel (it would only redispatch).
+        with torch._C._AutoDispatchBelowAutograd():
+            y, new_cache, _, _ = torch.ops.streamssl.causal_dwconv_ln(*args)
     return y, new_cache
+
+
+def _extension_serves(x) -> bool:
+    """ops.uses_extension(x), trimmed for the streaming step's budget of microseconds."""
+    from . import backend
+
+    name = backend()
+    if name == "reference" or not isinstance(x, torch.Tensor):
+        return False
+    if x.is_cpu or x.is_meta:
+        return True
+    return x.is_cuda and name == "cuda+cpu"
+
+
+def _needs_autograd(args) -> bool:
+    if torch.compiler.is_compiling():
+        return True  # let the compiler see the op with its autograd formula
+    if not torch.is_grad_enabled():
+        return False
+    for t in args[:5]:
+        if isinstance(t, torch.Tensor) and t.requires_grad:
+            return True
+    return False
 
 
 def register_library_parts() -> None:
