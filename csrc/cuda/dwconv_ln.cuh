@@ -2,6 +2,10 @@
 // headers, raw pointers and sizes. The launchers (dwconv_ln.cu) and the CUDA emulator bindings
 // (tests/cuda_emu) both launch them with the configurations computed here.
 //
+// The launch sequences (run_forward / run_backward at the end) are written once, over a launch
+// policy: dwconv_ln.cu passes one that launches with <<<>>> on a stream, the emulator bindings one
+// that calls cuda_emu::launch.
+//
 // Forward: a "row group" of threads (one warp, or several for wide rows) owns a frame (b, t): its
 // lanes hold consecutive 16-byte vectors of channels, compute the K-tap conv in registers (the K-1
 // frames of halo come from the cache or from x through the L1 cache; a group walks consecutive
@@ -25,6 +29,7 @@
 #include <algorithm>
 
 #include "common/dwconv_ln_math.h"
+#include "cuda/dwconv_ln_launch.h"
 
 namespace streamssl {
 namespace cuda {
@@ -693,6 +698,187 @@ __global__ void backward_reduce_kernel(const ReduceArgs<A> p) {
   } else {
     store_param<A>(p.grad_ln_bias, p.ln_bias_dtype, c, total);
   }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Launch sequences. `launch(kernel, config, args)` launches and returns 0, or a nonzero status.
+// ---------------------------------------------------------------------------------------------
+
+inline bool aligned16(const void* p) { return p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+template <typename A>
+PackArgs<A> pack_args(const DwconvLnProblem& p, const void* weight, const void* bias,
+                      const void* ln_weight, const void* ln_bias, A* out) {
+  PackArgs<A> a;
+  a.weight = weight;
+  a.bias = bias;
+  a.ln_weight = ln_weight;
+  a.ln_bias = ln_bias;
+  a.weight_dtype = static_cast<int>(p.weight_dtype);
+  a.bias_dtype = static_cast<int>(p.bias_dtype);
+  a.ln_weight_dtype = static_cast<int>(p.ln_weight_dtype);
+  a.ln_bias_dtype = static_cast<int>(p.ln_bias_dtype);
+  a.C = p.C;
+  a.K = p.K;
+  a.out = out;
+  a.x = nullptr;
+  a.cache = nullptr;
+  a.new_cache = nullptr;
+  a.B = p.B;
+  a.T = p.T;
+  a.elem_bytes = dtype_bytes(static_cast<int>(p.x_dtype));
+  return a;
+}
+
+template <typename S, typename A, int VEC, typename Launch>
+int launch_forward_rows(const RowPlan& plan, const FwdArgs<S, A>& a, Launch&& launch) {
+  const LaunchConfig cfg = row_config(plan);
+  if (plan.nch == 1) return launch(forward_kernel<S, A, VEC, 1>, cfg, a);
+  if constexpr (VEC <= 8) {
+    if (plan.nch == 2) return launch(forward_kernel<S, A, VEC, 2>, cfg, a);
+  }
+  if constexpr (VEC <= 4) {
+    if (plan.nch == 4) return launch(forward_kernel<S, A, VEC, 4>, cfg, a);
+  }
+  if constexpr (VEC <= 2) {
+    if (plan.nch == 8) return launch(forward_kernel<S, A, VEC, 8>, cfg, a);
+  }
+  return -1;  // row_plan never asks for more than 16 channels per thread
+}
+
+template <typename S, typename A, int VEC, typename Launch>
+int launch_backward_rows(const RowPlan& plan, const BwdArgs<S, A>& a, Launch&& launch) {
+  const LaunchConfig cfg = row_config(plan);
+  if (plan.nch == 1) return launch(backward_row_kernel<S, A, VEC, 1>, cfg, a);
+  if constexpr (VEC <= 8) {
+    if (plan.nch == 2) return launch(backward_row_kernel<S, A, VEC, 2>, cfg, a);
+  }
+  if constexpr (VEC <= 4) {
+    if (plan.nch == 4) return launch(backward_row_kernel<S, A, VEC, 4>, cfg, a);
+  }
+  if constexpr (VEC <= 2) {
+    if (plan.nch == 8) return launch(backward_row_kernel<S, A, VEC, 8>, cfg, a);
+  }
+  return -1;
+}
+
+// Forward: pack the parameters (and copy the new cache), then the row kernel.
+template <typename S, typename A, typename Launch>
+int run_forward(const DwconvLnProblem& p, const void* x, const void* weight, const void* bias,
+                const void* ln_weight, const void* ln_bias, const void* cache, double eps,
+                bool swish, void* y, void* new_cache, void* mean, void* rstd, void* workspace,
+                Launch&& launch) {
+  constexpr int VEC = 16 / sizeof(S);
+  const int xd = static_cast<int>(p.x_dtype);
+  A* params = reinterpret_cast<A*>(static_cast<char*>(workspace) +
+                                   workspace_layout(p.B, p.T, p.C, p.K, xd, false).params);
+  PackArgs<A> pa = pack_args<A>(p, weight, bias, ln_weight, ln_bias, params);
+  int64_t n_pack = (p.K + 3) * p.C;
+  if (p.K > 1 && p.B > 0) {
+    pa.x = static_cast<const char*>(x);
+    pa.cache = static_cast<const char*>(cache);
+    pa.new_cache = static_cast<char*>(new_cache);
+    n_pack += p.B * (p.K - 1) * p.C;
+  }
+  if (int rc = launch(pack_kernel<A>, flat_config(n_pack), pa)) return rc;
+  const int64_t rows = p.B * p.T;
+  if (rows == 0) return 0;
+  const RowPlan plan = row_plan(rows, p.C, xd, false);
+  FwdArgs<S, A> a;
+  a.x = static_cast<const S*>(x);
+  a.cache = static_cast<const S*>(cache);
+  a.params = params;
+  a.y = static_cast<S*>(y);
+  a.mean = static_cast<A*>(mean);
+  a.rstd = static_cast<A*>(rstd);
+  a.rows = rows;
+  a.T = p.T;
+  a.C = p.C;
+  a.K = p.K;
+  a.eps = static_cast<A>(eps);
+  a.swish = swish;
+  a.vec_ok = p.C % VEC == 0 && aligned16(x) && aligned16(cache) && aligned16(y);
+  a.group_warps = plan.group_warps;
+  a.groups_per_block = plan.groups_per_block;
+  a.rows_per_group = plan.rows_per_group;
+  return launch_forward_rows<S, A, VEC>(plan, a, launch);
+}
+
+// Backward: pack, row kernel (dz, dgamma/dbeta partials), column kernel (dx, dweight/dbias
+// partials), reduce kernel (the parameter gradients).
+template <typename S, typename A, typename Launch>
+int run_backward(const DwconvLnProblem& p, const void* grad_y, const void* x, const void* weight,
+                 const void* bias, const void* ln_weight, const void* ln_bias, const void* cache,
+                 const void* mean, const void* rstd, bool swish, void* grad_x, void* grad_weight,
+                 void* grad_bias, void* grad_ln_weight, void* grad_ln_bias, void* workspace,
+                 Launch&& launch) {
+  constexpr int VEC = 16 / sizeof(S);
+  const int xd = static_cast<int>(p.x_dtype);
+  const Workspace ws = workspace_layout(p.B, p.T, p.C, p.K, xd, true);
+  char* base = static_cast<char*>(workspace);
+  A* params = reinterpret_cast<A*>(base + ws.params);
+  if (int rc = launch(pack_kernel<A>, flat_config((p.K + 3) * p.C),
+                      pack_args<A>(p, weight, bias, ln_weight, ln_bias, params))) {
+    return rc;
+  }
+  const int64_t rows = p.B * p.T;
+  const RowPlan rp = row_plan(rows, p.C, xd, true);
+  const ColPlan cp = col_plan(p.B, p.T, p.C);
+  BwdArgs<S, A> a;
+  a.dy = static_cast<const S*>(grad_y);
+  a.x = static_cast<const S*>(x);
+  a.cache = static_cast<const S*>(cache);
+  a.params = params;
+  a.mean = static_cast<const A*>(mean);
+  a.rstd = static_cast<const A*>(rstd);
+  a.dz = reinterpret_cast<A*>(base + ws.dz);
+  a.part_w = reinterpret_cast<A*>(base + ws.part_w);
+  a.part_ln = reinterpret_cast<A*>(base + ws.part_ln);
+  a.dx = static_cast<S*>(grad_x);
+  a.rows = rows;
+  a.B = p.B;
+  a.T = p.T;
+  a.C = p.C;
+  a.K = p.K;
+  a.swish = swish;
+  a.vec_ok = p.C % VEC == 0 && aligned16(x) && aligned16(cache) && aligned16(grad_y);
+  a.group_warps = rp.group_warps;
+  a.groups_per_block = rp.groups_per_block;
+  a.rows_per_group = rp.rows_per_group;
+  a.tile_rows = cp.tile_rows;
+  a.tiles_per_seq = cp.tiles_per_seq;
+  if (rows > 0) {
+    if (int rc = launch_backward_rows<S, A, VEC>(rp, a, launch)) return rc;
+    const LaunchConfig cc = col_config(cp);
+    int rc;
+    switch (col_tap_block(p.K)) {
+      case 8:
+        rc = launch(backward_col_kernel<S, A, 8>, cc, a);
+        break;
+      case 16:
+        rc = launch(backward_col_kernel<S, A, 16>, cc, a);
+        break;
+      default:
+        rc = launch(backward_col_kernel<S, A, 32>, cc, a);
+    }
+    if (rc) return rc;
+  }
+  ReduceArgs<A> r;
+  r.part_w = a.part_w;
+  r.part_ln = a.part_ln;
+  r.tiles = rows > 0 ? cp.tiles : 0;
+  r.blocks = rows > 0 ? rp.blocks : 0;
+  r.C = p.C;
+  r.K = p.K;
+  r.grad_weight = grad_weight;
+  r.grad_bias = grad_bias;
+  r.grad_ln_weight = grad_ln_weight;
+  r.grad_ln_bias = grad_ln_bias;
+  r.weight_dtype = static_cast<int>(p.weight_dtype);
+  r.bias_dtype = static_cast<int>(p.bias_dtype);
+  r.ln_weight_dtype = static_cast<int>(p.ln_weight_dtype);
+  r.ln_bias_dtype = static_cast<int>(p.ln_bias_dtype);
+  return launch(backward_reduce_kernel<A>, flat_config((p.K + 3) * p.C), r);
 }
 
 }  // namespace dwconv_ln_kernels
