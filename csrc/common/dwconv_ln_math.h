@@ -50,15 +50,27 @@ STREAMSSL_HD TapSource tap_source(int64_t t, int j, int K) {
 
 // The tap loop: acc[l] += w(j, l) * x(j, l) for the taps j = 0 .. K-1 in that order (the order
 // fixes the rounding, so every kernel sums taps the same way). acc holds N values of type V:
-// N channels of a GPU thread (V = float), or N vector registers on the CPU (V = a g++ vector of
-// channels). w(j, l) and x(j, l) return the tap-j weight and input for acc[l].
-template <int N, typename V, typename WeightFn, typename InputFn>
+// N channels of a GPU thread (V = float), or N frames of a vector of channels on the CPU (V = a
+// g++ vector). w(j, l) and x(j, l) return the tap-j weight and input for acc[l]. KC > 0 says that
+// K == KC is known at compile time: the taps then unroll completely, and a compiler loads each
+// weight and input once for all N accumulators even where several (j, l) share them.
+template <int N, int KC = 0, typename V, typename WeightFn, typename InputFn>
 STREAMSSL_HD void conv_taps(V (&acc)[N], int K, WeightFn&& w, InputFn&& x) {
-  for (int j = 0; j < K; ++j) {
+  auto tap = [&](int j) {
 #if defined(__CUDACC__)
 #pragma unroll
 #endif
     for (int l = 0; l < N; ++l) acc[l] += w(j, l) * x(j, l);
+  };
+  if constexpr (KC > 0) {
+#if defined(__CUDACC__)
+#pragma unroll
+#elif defined(__GNUC__) && !defined(__clang__)
+#pragma GCC unroll 32
+#endif
+    for (int j = 0; j < KC; ++j) tap(j);
+  } else {
+    for (int j = 0; j < K; ++j) tap(j);
   }
 }
 
@@ -66,7 +78,7 @@ STREAMSSL_HD void conv_taps(V (&acc)[N], int K, WeightFn&& w, InputFn&& x) {
 // exp for the sigmoid. float: Cody-Waite reduction x = n ln2 + r, |r| <= ln2 / 2, and the classic
 // degree-7 polynomial for e^r (about 1 ulp), scaled by 2^n through the exponent bits. Written
 // without library calls or branches so that g++ vectorises it over channels and nvcc, g++ and
-// the emulator all compute the same function. The argument is clamped to [-87, 88], where 2^n
+// the emulator all compute the same function. The argument is clamped to [-87, 87], where 2^n
 // stays a normal float: sigmoid saturates long before, so only swish(h) for h < -87 (below
 // 1e-36 in magnitude) differs from the exact value, by a negligible absolute amount. NaN is
 // clamped too; swish(h) = h * sigmoid(h) and its derivative still propagate it through h.
@@ -92,16 +104,15 @@ STREAMSSL_HD int32_t float_to_bits(float f) {
 }
 
 STREAMSSL_HD float exp_acc(float x) {
-  // The clamp works on the bit pattern (sign and magnitude): g++ vectorises integer selects,
-  // but not float compares, which may trap under its default -ftrapping-math.
+  // |x| is clamped on the bit pattern: g++ vectorises integer min, but not float compares,
+  // which may trap under its default -ftrapping-math.
   const int32_t bits = float_to_bits(x);
-  const int32_t sign = bits & INT32_MIN;
-  const int32_t limit = sign ? 0x42AE0000 : 0x42B00000;  // 87.0f : 88.0f
-  int32_t mag = bits & 0x7FFFFFFF;
-  mag = mag < limit ? mag : limit;
-  x = bits_to_float(sign | mag);
-  // Round x * log2(e) to the nearest integer with the 1.5 * 2^23 trick (|x log2 e| < 2^22).
-  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const int32_t mag = bits & 0x7FFFFFFF;
+  x = bits_to_float((bits & INT32_MIN) | (mag < 0x42AE0000 ? mag : 0x42AE0000));  // 87.0f
+  // n = x log2(e) rounded to the nearest integer by adding 1.5 * 2^23: t's low mantissa bits
+  // then hold n + 0x400000, which builds 2^n below without a float-to-int conversion.
+  const float t = x * 1.44269504088896341f + 12582912.0f;
+  const float n = t - 12582912.0f;
   float r = x - n * 0.693359375f;   // ln2's high part: n * C1 is exact
   r = r - n * -2.12194440e-4f;      // ln2's low part
   float p = 1.9875691500e-4f;
@@ -111,7 +122,7 @@ STREAMSSL_HD float exp_acc(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   const float e = p * (r * r) + r + 1.0f;
-  return e * bits_to_float((static_cast<int32_t>(n) + 127) << 23);
+  return e * bits_to_float((float_to_bits(t) - (0x4B400000 - 127)) << 23);
 }
 
 STREAMSSL_HD double exp_acc(double x) {

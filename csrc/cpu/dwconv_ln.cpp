@@ -22,6 +22,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -40,6 +41,10 @@
 #else
 #define STREAMSSL_CPU_INLINE inline
 #endif
+
+// The baseline variant passes 32-byte g++ vectors between inlined helpers; g++ notes that AVX
+// would pass them differently, which cannot matter for functions internal to this file.
+#pragma GCC diagnostic ignored "-Wpsabi"
 
 namespace streamssl {
 namespace cpu {
@@ -135,50 +140,87 @@ STREAMSSL_CPU_INLINE c10::Half from_acc<c10::Half>(float v) {
 template <typename A>
 struct VecOf {
   typedef A type __attribute__((vector_size(32)));  // (g++ ignores the attribute in an alias)
+  // The same vector at any element alignment, for loads and stores from rows.
+  typedef A unaligned __attribute__((vector_size(32), aligned(alignof(A)), may_alias));
 };
 template <typename A>
 using Vec = typename VecOf<A>::type;
 static_assert(sizeof(Vec<float>) == 32 && sizeof(Vec<double>) == 32, "g++ vector types");
 template <typename A>
 constexpr int kVecLanes = 32 / static_cast<int>(sizeof(A));
-// Vectors per block of the tap loop: 4 (128 bytes of channels, 4 of 16 AVX registers).
-constexpr int kConvVecs = 4;
 
 template <typename A>
 STREAMSSL_CPU_INLINE Vec<A> vload(const A* p) {
-  Vec<A> v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
+  return *reinterpret_cast<const typename VecOf<A>::unaligned*>(p);
 }
 
 template <typename A>
 STREAMSSL_CPU_INLINE void vstore(A* p, const Vec<A>& v) {
-  std::memcpy(p, &v, sizeof v);
+  *reinterpret_cast<typename VecOf<A>::unaligned*>(p) = v;
 }
 
-// out[c] = init[c] (or 0 when init is null) + sum_j w[j * C + c] * rows[j][c], for all c < C:
-// the conv of one frame (rows = its K taps of xp) and the input gradient of one frame (rows =
-// dz of the K frames after it, reversed).
-template <typename A>
-STREAMSSL_CPU_INLINE void tap_row(const A* const* rows, const A* w, const A* init, int K,
-                                  int64_t C, A* out) {
-  constexpr int V = kVecLanes<A>, N = kConvVecs;
+// Frames per register block of the tap loops: the accumulators of 8 frames x 8 channels are 8
+// AVX registers; each tap's weights are loaded once for the 8 frames.
+constexpr int kRowBlock = 8;
+
+// out(r)[c] = init[c] (0 when init is null) + sum_j w[j * C + c] * src(j, r)[c] for r < NR and
+// all c < C, taps in the order of conv_taps. Frames are the register block: the conv of NR
+// consecutive frames (src(j, r) = xp row t + r + j) and their input gradients (src(j, r) = dz
+// row s + r + K-1 - j). A frame's result does not depend on NR, so any blocking of a sequence
+// gives the same bits.
+//
+// KC > 0 is K known at compile time: the taps unroll completely, and g++ then loads each
+// input vector and each weight vector of a channel block once for all NR frames (instead of
+// once per frame and tap), which is what makes the loop fast; KC = 0 serves any K.
+template <int NR, int KC, typename A, typename Src, typename Out>
+STREAMSSL_CPU_INLINE void tap_rows_k(Src&& src, const A* w, const A* init, int K, int64_t C,
+                                     Out&& out) {
+  constexpr int V = kVecLanes<A>;
   int64_t c0 = 0;
-  for (; c0 + N * V <= C; c0 += N * V) {
-    Vec<A> acc[N];
-    for (int l = 0; l < N; ++l) acc[l] = init ? vload(init + c0 + l * V) : Vec<A>{};
-    dwconv_ln::conv_taps<N>(
-        acc, K, [&](int j, int l) { return vload(w + j * C + c0 + l * V); },
-        [&](int j, int l) { return vload(rows[j] + c0 + l * V); });
-    for (int l = 0; l < N; ++l) vstore(out + c0 + l * V, acc[l]);
+  for (; c0 + V <= C; c0 += V) {
+    Vec<A> acc[NR];
+    const Vec<A> start = init ? vload(init + c0) : Vec<A>{};
+    for (int r = 0; r < NR; ++r) acc[r] = start;
+    dwconv_ln::conv_taps<NR, KC>(
+        acc, K, [&](int j, int) { return vload(w + j * C + c0); },
+        [&](int j, int r) { return vload(src(j, r) + c0); });
+    for (int r = 0; r < NR; ++r) vstore(out(r) + c0, acc[r]);
   }
   for (; c0 < C; ++c0) {
-    A acc[1] = {init ? init[c0] : A(0)};
-    dwconv_ln::conv_taps<1>(
+    A acc[NR];
+    for (int r = 0; r < NR; ++r) acc[r] = init ? init[c0] : A(0);
+    dwconv_ln::conv_taps<NR, KC>(
         acc, K, [&](int j, int) { return w[j * C + c0]; },
-        [&](int j, int) { return rows[j][c0]; });
-    out[c0] = acc[0];
+        [&](int j, int r) { return src(j, r)[c0]; });
+    for (int r = 0; r < NR; ++r) out(r)[c0] = acc[r];
   }
+}
+
+// Kernel sizes with an unrolled block loop: the common Conformer ones.
+template <int NR, typename A, typename Src, typename Out>
+STREAMSSL_CPU_INLINE void tap_rows(Src&& src, const A* w, const A* init, int K, int64_t C,
+                                   Out&& out) {
+  if constexpr (NR > 1) {
+    switch (K) {
+      case 1:
+        return tap_rows_k<NR, 1>(src, w, init, K, C, out);
+      case 3:
+        return tap_rows_k<NR, 3>(src, w, init, K, C, out);
+      case 5:
+        return tap_rows_k<NR, 5>(src, w, init, K, C, out);
+      case 7:
+        return tap_rows_k<NR, 7>(src, w, init, K, C, out);
+      case 9:
+        return tap_rows_k<NR, 9>(src, w, init, K, C, out);
+      case 15:
+        return tap_rows_k<NR, 15>(src, w, init, K, C, out);
+      case 31:
+        return tap_rows_k<NR, 31>(src, w, init, K, C, out);
+      default:
+        break;
+    }
+  }
+  tap_rows_k<NR, 0>(src, w, init, K, C, out);
 }
 
 // Independent partial sums in the row reductions (their combination order is fixed).
@@ -250,18 +292,20 @@ struct Args {
   A eps;
   // forward
   S* y;
+  S* new_cache;  // (B, K-1, C), or nullptr when K = 1
   // backward
   const S* dy;
   S* dx;
 };
 
 // Rows of xp = cat(cache, x) for one batch element, in the accumulation type, for a window of
-// K rows sliding forward: direct pointers for float32/float64, a converted ring otherwise.
+// K + kRowBlock - 1 rows sliding forward: direct pointers for float32/float64, a ring of
+// converted rows otherwise.
 template <typename S, typename A>
 class XpRows {
  public:
   XpRows(const Args<S, A>& a, int64_t b, A* ring, int64_t first)
-      : a_(a), b_(b), ring_(ring), next_(first) {}
+      : a_(a), b_(b), ring_(ring), next_(first), kRing(a.K + kRowBlock - 1) {}
 
   STREAMSSL_CPU_INLINE const A* row(int64_t i) {
     if constexpr (std::is_same<S, A>::value) {
@@ -269,7 +313,7 @@ class XpRows {
     } else {
       const int64_t C = a_.C;
       for (; next_ <= i; ++next_) {
-        A* dst = ring_ + (next_ % a_.K) * C;
+        A* dst = ring_ + (next_ % kRing) * C;
         if (next_ < a_.K - 1 && a_.cache == nullptr) {
           std::memset(dst, 0, sizeof(A) * C);
         } else {
@@ -277,7 +321,7 @@ class XpRows {
           for (int64_t c = 0; c < C; ++c) dst[c] = to_acc(src[c]);
         }
       }
-      return ring_ + (i % a_.K) * C;
+      return ring_ + (i % kRing) * C;
     }
   }
 
@@ -299,6 +343,7 @@ class XpRows {
   int64_t b_;
   A* ring_;
   int64_t next_;
+  const int64_t kRing;
 };
 
 // sum_c f(v[c]) with kLanes partial sums combined in a fixed tree.
@@ -351,38 +396,64 @@ STREAMSSL_CPU_INLINE void row_stats(const A* z, int64_t C, A eps, A& mean, A& rs
 // Per-thread buffers: rows of accumulators and arrays of row pointers.
 template <typename A>
 struct Scratch {
-  std::vector<A> rows;
+  std::unique_ptr<A[]> buf;  // uninitialised: every row is written before it is read
   std::vector<const A*> ptrs;
-  Scratch(size_t n_rows, size_t n_ptrs) : rows(n_rows), ptrs(n_ptrs) {}
+  Scratch(size_t n_rows, size_t n_ptrs) : buf(new A[n_rows]), ptrs(n_ptrs) {}
+  A* rows() const { return buf.get(); }
 };
 
 template <typename A>
 Scratch<A> forward_scratch(int64_t C, int K) {
-  return Scratch<A>(static_cast<size_t>(C) * (K + 1), static_cast<size_t>(K));
+  // conv outputs of a row block, the xp ring; tap rows of a row block.
+  return Scratch<A>(static_cast<size_t>(C) * (kRowBlock + K + kRowBlock - 1),
+                    static_cast<size_t>(K + kRowBlock - 1));
 }
 
-// Rows [t0, t1) of batch element b.
+template <typename S>
+STREAMSSL_CPU_INLINE void prefetch_row(const S* row, int64_t C) {
+  const char* p = reinterpret_cast<const char*>(row);
+  const int64_t bytes = C * static_cast<int64_t>(sizeof(S));
+  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(p + o);
+}
+
+// Rows [t0, t1) of batch element b, in blocks of kRowBlock frames (single frames at the end).
 template <typename S, typename A, bool kSwish>
 STREAMSSL_CPU_INLINE void forward_rows(const Args<S, A>& a, int64_t b, int64_t t0, int64_t t1,
                                        Scratch<A>& scratch) {
   const int64_t C = a.C, T = a.T;
   const int K = a.K;
-  A* z = scratch.rows.data();
-  A* ring = z + C;
-  const A** src = scratch.ptrs.data();
+  A* zs = scratch.rows();  // kRowBlock rows
+  A* ring = zs + kRowBlock * C;
+  const A** src = scratch.ptrs.data();  // src[i] = xp row t + i
   XpRows<S, A> xp(a, b, ring, t0);
-  for (int64_t t = t0; t < t1; ++t) {
-    for (int j = 0; j < K; ++j) src[j] = xp.row(t + j);
-    tap_row(src, a.wT, a.bias, K, C, z);
-    A mean, rstd;
-    row_stats(z, C, a.eps, mean, rstd);
-    a.mean[b * T + t] = mean;
-    a.rstd[b * T + t] = rstd;
-    S* y = a.y + (b * T + t) * C;
-    for (int64_t c = 0; c < C; ++c) {
-      y[c] = from_acc<S>(
-          dwconv_ln::ln_act(dwconv_ln::ln_xhat(z[c], mean, rstd), a.gamma[c], a.beta[c], kSwish));
+  for (int64_t t = t0; t < t1;) {
+    const int n = t1 - t >= kRowBlock ? kRowBlock : 1;
+    // The block reads n + K - 1 rows at once, more streams than hardware prefetchers follow:
+    // ask for the next block's new rows of x now.
+    for (int64_t i = t + n + K - 1; i < std::min<int64_t>(t + 2 * n + K - 1, T + K - 1); ++i) {
+      prefetch_row(a.x + (b * T + i - (K - 1)) * C, C);
     }
+    for (int i = 0; i < n + K - 1; ++i) src[i] = xp.row(t + i);
+    auto tap = [&](int j, int r) { return src[r + j]; };
+    auto out = [&](int r) { return zs + r * C; };
+    if (n == kRowBlock) {
+      tap_rows<kRowBlock>(tap, a.wT, a.bias, K, C, out);
+    } else {
+      tap_rows<1>(tap, a.wT, a.bias, K, C, out);
+    }
+    for (int r = 0; r < n; ++r) {
+      const A* z = zs + r * C;
+      A mean, rstd;
+      row_stats(z, C, a.eps, mean, rstd);
+      a.mean[b * T + t + r] = mean;
+      a.rstd[b * T + t + r] = rstd;
+      S* y = a.y + (b * T + t + r) * C;
+      for (int64_t c = 0; c < C; ++c) {
+        y[c] = from_acc<S>(dwconv_ln::ln_act(dwconv_ln::ln_xhat(z[c], mean, rstd), a.gamma[c],
+                                             a.beta[c], kSwish));
+      }
+    }
+    t += n;
   }
 }
 
@@ -447,33 +518,37 @@ void forward_impl(const Args<S, A>& a, int64_t B) {
   const int64_t tasks = B * tiling.per_seq;
   const int64_t work_per_task = tiling.rows * C * (K + 8);
   const int64_t grain = std::max<int64_t>(1, kSerialWork / std::max<int64_t>(1, work_per_task));
-  if (tasks <= grain) {
-    Scratch<A> scratch = forward_scratch<A>(C, K);
-    forward_tasks<S, A, kSwish>(a, tiling, 0, tasks, scratch);
-    return;
-  }
-  at::parallel_for(0, tasks, grain, [&](int64_t t0, int64_t t1) {
+  // The first tile of each sequence also writes its new cache.
+  auto run = [&](int64_t t0, int64_t t1) {
+    if (a.new_cache != nullptr) {
+      for (int64_t task = t0; task < t1; ++task) {
+        if (task % tiling.per_seq == 0) write_new_cache(a, task / tiling.per_seq);
+      }
+    }
     Scratch<A> scratch = forward_scratch<A>(C, K);
     forward_tasks<S, A, kSwish>(a, tiling, t0, t1, scratch);
-  });
+  };
+  if (tasks <= grain) {
+    run(0, tasks);
+  } else {
+    at::parallel_for(0, tasks, grain, run);
+  }
 }
 
-// new_cache[b, k] = xp[b, T + k] for k < K-1.
-template <typename S>
-void write_new_cache(const S* x, const S* cache, S* out, int64_t B, int64_t T, int64_t C, int K) {
-  const int64_t R = K - 1;
+// new_cache[b, k] = xp[b, T + k] for k < K-1, for one batch element.
+template <typename S, typename A>
+void write_new_cache(const Args<S, A>& a, int64_t b) {
+  const int64_t R = a.K - 1, C = a.C, T = a.T;
   const size_t row_bytes = sizeof(S) * C;
-  for (int64_t b = 0; b < B; ++b) {
-    for (int64_t k = 0; k < R; ++k) {
-      const dwconv_ln::TapSource s = dwconv_ln::tap_source(T + k, 0, K);
-      S* dst = out + (b * R + k) * C;
-      if (!s.from_cache) {
-        std::memcpy(dst, x + (b * T + s.row) * C, row_bytes);
-      } else if (cache != nullptr) {
-        std::memcpy(dst, cache + (b * R + s.row) * C, row_bytes);
-      } else {
-        std::memset(dst, 0, row_bytes);  // all-zero bits are +0 in every float format we take
-      }
+  for (int64_t k = 0; k < R; ++k) {
+    const dwconv_ln::TapSource s = dwconv_ln::tap_source(T + k, 0, a.K);
+    S* dst = a.new_cache + (b * R + k) * C;
+    if (!s.from_cache) {
+      std::memcpy(dst, a.x + (b * T + s.row) * C, row_bytes);
+    } else if (a.cache != nullptr) {
+      std::memcpy(dst, a.cache + (b * R + s.row) * C, row_bytes);
+    } else {
+      std::memset(dst, 0, row_bytes);  // all-zero bits are +0 in every float format we take
     }
   }
 }
@@ -490,9 +565,10 @@ int64_t partial_size(int64_t C, int K) {
 
 template <typename A>
 Scratch<A> backward_scratch(int64_t C, int K) {
-  // xp ring, dz ring (K rows each), z/xhat, g, dy, discarded halo partials (2 rows); tap rows
-  // of xp and of dz.
-  return Scratch<A>(static_cast<size_t>(C) * (2 * K + 5), static_cast<size_t>(3 * K));
+  // xp ring and dz ring (K + kRowBlock - 1 rows each), conv outputs of a row block, g, dy, dx,
+  // discarded halo partials (2 rows); tap rows of xp and dz.
+  const size_t ring = static_cast<size_t>(K + kRowBlock - 1);
+  return Scratch<A>(static_cast<size_t>(C) * (2 * ring + kRowBlock + 5), 3 * ring);
 }
 
 // One row through the activation and the affine LayerNorm backward: z (conv output) becomes
@@ -516,32 +592,86 @@ STREAMSSL_CPU_INLINE void ln_act_backward_row(const A* STREAMSSL_RESTRICT dy,
   }
 }
 
+// dw[j, c] += sum_{r < rows} dz(u + r)[c] * xp(u + r + j)[c], frames in order: a vector of
+// channels at a time, so each tap's sum over the frames stays in a register.
+template <typename A>
+STREAMSSL_CPU_INLINE void dweight_rows(const A* const* dz_rows, int64_t ring_rows, int64_t u,
+                                       const A* const* src, int rows, int K, int64_t C, A* dw) {
+  constexpr int V = kVecLanes<A>;
+  const A* dz[kRowBlock];
+  for (int r = 0; r < rows; ++r) dz[r] = dz_rows[(u + r) % ring_rows];
+  int64_t c0 = 0;
+  for (; c0 + V <= C; c0 += V) {
+    for (int j = 0; j < K; ++j) {
+      Vec<A> acc{};
+      for (int r = 0; r < rows; ++r) acc += vload(dz[r] + c0) * vload(src[r + j] + c0);
+      vstore(dw + j * C + c0, vload(dw + j * C + c0) + acc);
+    }
+  }
+  for (; c0 < C; ++c0) {
+    for (int j = 0; j < K; ++j) {
+      A acc = A(0);
+      for (int r = 0; r < rows; ++r) acc += dz[r][c0] * src[r + j][c0];
+      dw[j * C + c0] += acc;
+    }
+  }
+}
+
+// Rows [t0, t1) of batch element b: dx of these rows and their share of the parameter
+// gradients (into part). Walks u = t0 .. t1 + K - 2 in blocks of kRowBlock frames: conv, then
+// per frame the LayerNorm/activation backward into a ring of dz rows (the K-1 frames after the
+// tile are recomputed: dx of a frame needs dz of the next K-1), then dweight of the block's own
+// frames and dx of the frames whose K dz rows are complete.
 template <typename S, typename A, bool kSwish>
 STREAMSSL_CPU_INLINE void backward_rows(const Args<S, A>& a, int64_t b, int64_t t0, int64_t t1,
                                         A* part, Scratch<A>& scratch) {
   const int64_t C = a.C, T = a.T;
   const int K = a.K;
-  A* ring = scratch.rows.data();
-  A* dz_ring = ring + static_cast<int64_t>(K) * C;
-  A* z = dz_ring + static_cast<int64_t>(K) * C;  // conv output, then xhat
-  A* gbuf = z + C;
+  const int64_t ring_rows = K + kRowBlock - 1;
+  A* ring = scratch.rows();
+  A* dz_ring = ring + ring_rows * C;
+  A* zs = dz_ring + ring_rows * C;  // conv outputs of the block, then xhat
+  A* gbuf = zs + kRowBlock * C;
   A* dybuf = gbuf + C;
-  A* discard = dybuf + C;  // dgamma/dbeta of halo rows, which belong to the next tile
-  const A** src = scratch.ptrs.data();
-  const A** dz_rows = src + K;  // dz_rows[u % K] = dz of row u
-  const A** dz_taps = dz_rows + K;  // dz_taps[j] = dz of row u - j
-
+  A* dxbuf = dybuf + C;
+  A* discard = dxbuf + C;  // dgamma/dbeta of halo rows, which belong to the next tile
+  const A** src = scratch.ptrs.data();  // src[i] = xp row u + i
+  const A** dz_rows = src + ring_rows;  // dz_rows[v % ring_rows] = dz of row v
+  const A** dz_win = dz_rows + ring_rows;  // dz_win[i] = dz of row s + i (dx of a block)
   A* dw_part = part;
   A* dbias_part = part + static_cast<int64_t>(K) * C;
   XpRows<S, A> xp(a, b, ring, t0);
-  const int64_t u_end = std::min<int64_t>(t1 + K - 1, T);  // rows whose dz this tile needs
-  for (int64_t u = t0; u < t1 + K - 1; ++u) {
-    if (u < u_end) {
-      const bool own = u < t1;
-      for (int j = 0; j < K; ++j) src[j] = xp.row(u + j);
-      tap_row(src, a.wT, a.bias, K, C, z);
-      const A mean = a.mean[b * T + u], rstd = a.rstd[b * T + u];
-      const S* dy_s = a.dy + (b * T + u) * C;
+  const int64_t u_stop = t1 + K - 1;
+  for (int64_t u = t0; u < u_stop;) {
+    const int n = u_stop - u >= kRowBlock ? kRowBlock : 1;
+    const int m = static_cast<int>(std::max<int64_t>(0, std::min<int64_t>(n, T - u)));  // rows < T
+    // Next block's new rows of x and of grad_y (see forward_rows).
+    for (int64_t i = u + n; i < std::min<int64_t>(u + 2 * n, T); ++i) {
+      prefetch_row(a.dy + (b * T + i) * C, C);
+      prefetch_row(a.x + (b * T + i) * C, C);  // xp row i + K - 1, the newest tap of frame i
+    }
+    if (m > 0) {
+      for (int i = 0; i < m + K - 1; ++i) src[i] = xp.row(u + i);
+      auto tap = [&](int j, int r) { return src[r + j]; };
+      auto out = [&](int r) { return zs + r * C; };
+      if (m == kRowBlock) {
+        tap_rows<kRowBlock>(tap, a.wT, a.bias, K, C, out);
+      } else {
+        for (int r = 0; r < m; ++r) {
+          tap_rows<1>([&](int j, int) { return src[r + j]; }, a.wT, a.bias, K, C,
+                      [&](int) { return zs + r * C; });
+        }
+      }
+    }
+    for (int r = 0; r < n; ++r) {
+      const int64_t v = u + r;
+      if (r >= m) {
+        dz_rows[v % ring_rows] = a.zeros;  // beyond the sequence
+        continue;
+      }
+      A* z = zs + r * C;
+      const A mean = a.mean[b * T + v], rstd = a.rstd[b * T + v];
+      const S* dy_s = a.dy + (b * T + v) * C;
       const A* dy;
       if constexpr (std::is_same<S, A>::value) {
         dy = dy_s;
@@ -549,42 +679,52 @@ STREAMSSL_CPU_INLINE void backward_rows(const Args<S, A>& a, int64_t b, int64_t 
         for (int64_t c = 0; c < C; ++c) dybuf[c] = to_acc(dy_s[c]);
         dy = dybuf;
       }
+      const bool own = v < t1;
       A* dgamma = own ? part + static_cast<int64_t>(K + 1) * C : discard;
       A* dbeta = own ? part + static_cast<int64_t>(K + 2) * C : discard + C;
-      // Pass 1: xhat (over z), g = dL/dh * gamma, this row's share of dgamma and dbeta.
+      // xhat (over z), g = dL/dh * gamma, this row's share of dgamma and dbeta; then dz.
       ln_act_backward_row<A, kSwish>(dy, a.gamma, a.beta, mean, rstd, C, z, gbuf, dgamma, dbeta);
-      const A mean_g = dwconv_ln::ln_mean(lane_sum(gbuf, C, [](A v) { return v; }), C);
+      const A mean_g = dwconv_ln::ln_mean(lane_sum(gbuf, C, [](A q) { return q; }), C);
       const A mean_gx = dwconv_ln::ln_mean(lane_dot(gbuf, z, C), C);
-      // Pass 2: dz, and this row's share of the parameter gradients.
-      A* dz = dz_ring + (u % K) * C;
+      A* dz = dz_ring + (v % ring_rows) * C;
       for (int64_t i = 0; i < C; ++i) {
         dz[i] = dwconv_ln::ln_input_grad(gbuf[i], z[i], mean_g, mean_gx, rstd);
       }
       if (own) {
         for (int64_t i = 0; i < C; ++i) dbias_part[i] += dz[i];
-        for (int j = 0; j < K; ++j) {
-          A* dwj = dw_part + static_cast<int64_t>(j) * C;
-          const A* s = src[j];
-          for (int64_t i = 0; i < C; ++i) dwj[i] += dz[i] * s[i];
+      }
+      dz_rows[v % ring_rows] = dz;
+    }
+    // dweight[c, j] += sum over the block's own frames of dz[v] * xp[v + j], frames in order.
+    const int own_rows = static_cast<int>(std::max<int64_t>(0, std::min<int64_t>(m, t1 - u)));
+    if (own_rows > 0) {
+      dweight_rows<A>(dz_rows, ring_rows, u, src, own_rows, K, C, dw_part);
+    }
+    // dx[s] = sum_j w[j] dz[s + K-1 - j] for the frames s whose dz rows are all known.
+    const int64_t s_lo = std::max<int64_t>(t0, u - (K - 1));
+    const int64_t s_hi = u + n - (K - 1);  // exclusive
+    for (int64_t s = s_lo; s < s_hi;) {
+      const int k = s_hi - s >= kRowBlock ? kRowBlock : 1;
+      for (int i = 0; i < k + K - 1; ++i) dz_win[i] = dz_rows[(s + i) % ring_rows];
+      auto tap = [&](int j, int r) { return dz_win[r + K - 1 - j]; };
+      if constexpr (std::is_same<S, A>::value) {
+        auto out = [&](int r) { return a.dx + (b * T + s + r) * C; };
+        if (k == kRowBlock) {
+          tap_rows<kRowBlock>(tap, a.wT, static_cast<const A*>(nullptr), K, C, out);
+        } else {
+          tap_rows<1>(tap, a.wT, static_cast<const A*>(nullptr), K, C, out);
+        }
+      } else {
+        for (int r = 0; r < k; ++r) {
+          tap_rows<1>([&](int j, int) { return tap(j, r); }, a.wT, static_cast<const A*>(nullptr), K,
+                      C, [&](int) { return dxbuf; });
+          S* dx = a.dx + (b * T + s + r) * C;
+          for (int64_t c = 0; c < C; ++c) dx[c] = from_acc<S>(dxbuf[c]);
         }
       }
-      dz_rows[u % K] = dz;
-    } else {
-      dz_rows[u % K] = a.zeros;  // beyond the sequence
+      s += k;
     }
-    // dx[s] = sum_j w[j] dz[s + K-1 - j] = sum_j w[j] dz[u - j], all rows of this tile.
-    const int64_t s = u - (K - 1);
-    if (s >= t0) {
-      S* dx = a.dx + (b * T + s) * C;
-      for (int j = 0; j < K; ++j) dz_taps[j] = dz_rows[(u - j) % K];
-      if constexpr (std::is_same<S, A>::value) {
-        tap_row<A>(dz_taps, a.wT, nullptr, K, C, dx);
-      } else {
-        A* dx_acc = gbuf;  // g is no longer needed
-        tap_row<A>(dz_taps, a.wT, nullptr, K, C, dx_acc);
-        for (int64_t c = 0; c < C; ++c) dx[c] = from_acc<S>(dx_acc[c]);
-      }
-    }
+    u += n;
   }
 }
 
@@ -715,13 +855,14 @@ void causal_dwconv_ln_forward(const at::Tensor& x, const at::Tensor& weight,
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "causal_dwconv_ln_cpu", [&] {
     using S = scalar_t;
     using A = typename AccOf<S>::type;
-    if (B > 0 && K > 1) {
-      write_new_cache<S>(x.data_ptr<S>(), (cache.has_value() ? cache->data_ptr<S>() : nullptr),
-                         new_cache.data_ptr<S>(), B, T, C, K);
-    }
-    if (B == 0 || T == 0) return;
+    if (B == 0) return;
     const PackedParams<A> p = pack_params<A>(weight, bias, ln_weight, ln_bias);
     Args<S, A> a = make_args<S, A>(x, cache, p, K);
+    a.new_cache = K > 1 ? new_cache.data_ptr<S>() : nullptr;
+    if (T == 0) {
+      for (int64_t b = 0; a.new_cache != nullptr && b < B; ++b) write_new_cache(a, b);
+      return;
+    }
     a.eps = static_cast<A>(eps);
     a.y = y.data_ptr<S>();
     a.mean = mean.data_ptr<A>();
