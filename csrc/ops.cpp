@@ -18,6 +18,7 @@
 #include <c10/core/DeviceGuard.h>
 #include <c10/core/impl/DeviceGuardImplInterface.h>
 
+#include "cuda/block_mask_launch.h"
 #include "cuda/dwconv_ln_launch.h"
 #endif
 
@@ -49,83 +50,126 @@ bool is_supported_float(at::ScalarType t) {
 // causal_block_mask
 // ---------------------------------------------------------------------------------------------
 
-BlockMaskRule block_mask_rule(int64_t seed, int64_t offset, double mask_prob, int64_t block_size,
-                              int64_t min_start, int64_t left_context, double max_mask_ratio,
-                              int64_t align) {
-  const uint64_t s = static_cast<uint64_t>(seed);
-  BlockMaskRule r;
-  r.key0 = static_cast<uint32_t>(s);
-  r.key1 = static_cast<uint32_t>(s >> 32);
-  r.ctr0 = static_cast<uint32_t>(static_cast<uint64_t>(offset));
-  r.mask_prob = mask_prob;
-  r.max_mask_ratio = max_mask_ratio;
-  r.block_size = block_size;
-  r.min_start = min_start;
-  r.left_context = left_context;
-  r.align = align;
-  return r;
-}
-
 void check_block_mask_args(const at::Tensor& feats, const at::Tensor& lengths,
                            const at::Tensor& mask_embedding, double mask_prob, int64_t block_size,
                            int64_t min_start, double max_mask_ratio, int64_t align) {
-  TORCH_CHECK(feats.dim() == 3, "causal_block_mask: feats must be (B, T, F), got ", feats.dim(),
-              " dimensions");
-  TORCH_CHECK(is_supported_float(feats.scalar_type()),
-              "causal_block_mask: feats must be float32, float16, bfloat16 or float64, got ",
-              feats.scalar_type());
+  // ValueError throughout, like the Python-side checks in streamssl/ops/block_mask.py.
+  TORCH_CHECK_VALUE(feats.dim() == 3, "causal_block_mask: feats must be (B, T, F), got ",
+                    feats.dim(), " dimensions");
+  TORCH_CHECK_VALUE(is_supported_float(feats.scalar_type()),
+                    "causal_block_mask: feats must be float32, float16, bfloat16 or float64, got ",
+                    feats.scalar_type());
   const int64_t B = feats.size(0), F = feats.size(2);
-  TORCH_CHECK(lengths.dim() == 1 && lengths.size(0) == B,
-              "causal_block_mask: lengths must have shape (B,) = (", B, "), got ", lengths.sizes());
-  TORCH_CHECK(lengths.scalar_type() == at::kLong, "causal_block_mask: lengths must be int64, got ",
-              lengths.scalar_type());
-  TORCH_CHECK(lengths.device() == feats.device(), "causal_block_mask: lengths is on ",
-              lengths.device(), " but feats is on ", feats.device());
-  TORCH_CHECK(mask_embedding.dim() == 1 && mask_embedding.size(0) == F,
-              "causal_block_mask: mask_embedding must have shape (F,) = (", F, "), got ",
-              mask_embedding.sizes());
-  TORCH_CHECK(mask_embedding.scalar_type() == feats.scalar_type(),
-              "causal_block_mask: mask_embedding must have feats' dtype ", feats.scalar_type(),
-              ", got ", mask_embedding.scalar_type());
-  TORCH_CHECK(mask_embedding.device() == feats.device(), "causal_block_mask: mask_embedding is on ",
-              mask_embedding.device(), " but feats is on ", feats.device());
-  TORCH_CHECK(mask_prob >= 0.0 && mask_prob <= 1.0,
-              "causal_block_mask: mask_prob must be in [0, 1], got ", mask_prob);
-  TORCH_CHECK(max_mask_ratio >= 0.0 && max_mask_ratio <= 1.0,
-              "causal_block_mask: max_mask_ratio must be in [0, 1], got ", max_mask_ratio);
-  TORCH_CHECK(block_size >= 1, "causal_block_mask: block_size must be >= 1, got ", block_size);
-  TORCH_CHECK(min_start >= 0, "causal_block_mask: min_start must be >= 0, got ", min_start);
-  TORCH_CHECK(align >= 1, "causal_block_mask: align must be >= 1, got ", align);
-  TORCH_CHECK(feats.size(1) < (int64_t{1} << 31),
-              "causal_block_mask: feats has ", feats.size(1), " frames; at most 2^31 - 1 supported");
+  TORCH_CHECK_VALUE(lengths.dim() == 1 && lengths.size(0) == B,
+                    "causal_block_mask: lengths must have shape (B,) = (", B, "), got ",
+                    lengths.sizes());
+  TORCH_CHECK_VALUE(lengths.scalar_type() == at::kLong,
+                    "causal_block_mask: lengths must be int64, got ", lengths.scalar_type());
+  TORCH_CHECK_VALUE(lengths.device() == feats.device(), "causal_block_mask: lengths is on ",
+                    lengths.device(), " but feats is on ", feats.device());
+  TORCH_CHECK_VALUE(mask_embedding.dim() == 1 && mask_embedding.size(0) == F,
+                    "causal_block_mask: mask_embedding must have shape (F,) = (", F, "), got ",
+                    mask_embedding.sizes());
+  TORCH_CHECK_VALUE(mask_embedding.scalar_type() == feats.scalar_type(),
+                    "causal_block_mask: mask_embedding must have feats' dtype ",
+                    feats.scalar_type(), ", got ", mask_embedding.scalar_type());
+  TORCH_CHECK_VALUE(mask_embedding.device() == feats.device(),
+                    "causal_block_mask: mask_embedding is on ", mask_embedding.device(),
+                    " but feats is on ", feats.device());
+  TORCH_CHECK_VALUE(mask_prob >= 0.0 && mask_prob <= 1.0,
+                    "causal_block_mask: mask_prob must be in [0, 1], got ", mask_prob);
+  TORCH_CHECK_VALUE(max_mask_ratio >= 0.0 && max_mask_ratio <= 1.0,
+                    "causal_block_mask: max_mask_ratio must be in [0, 1], got ", max_mask_ratio);
+  TORCH_CHECK_VALUE(block_size >= 1, "causal_block_mask: block_size must be >= 1, got ",
+                    block_size);
+  TORCH_CHECK_VALUE(min_start >= 0, "causal_block_mask: min_start must be >= 0, got ", min_start);
+  TORCH_CHECK_VALUE(align >= 1, "causal_block_mask: align must be >= 1, got ", align);
+  // Frame indices are uint32 Philox counter words and int64 arithmetic stays far from overflow
+  // (csrc/common/block_mask_rule.h); utterance indices are a uint32 counter word.
+  TORCH_CHECK_VALUE(feats.size(1) < kBlockMaskMaxFrames, "causal_block_mask: feats has ",
+                    feats.size(1), " frames; at most 2^31 - 1 are supported");
+  TORCH_CHECK_VALUE(B <= (int64_t{1} << 32), "causal_block_mask: feats has ", B,
+                    " utterances; at most 2^32 are supported");
+}
+
+struct BlockMaskOutputs {
+  at::Tensor feats, lengths, emb, masked, mask;
+};
+
+// Contiguous inputs and freshly allocated outputs (the op never writes into its inputs).
+BlockMaskOutputs block_mask_buffers(const at::Tensor& feats, const at::Tensor& lengths,
+                                    const at::Tensor& emb) {
+  BlockMaskOutputs o;
+  o.feats = feats.contiguous();
+  o.lengths = lengths.contiguous();
+  o.emb = emb.contiguous();
+  o.masked = at::empty_like(o.feats, at::MemoryFormat::Contiguous);
+  o.mask = at::empty({feats.size(0), feats.size(1)}, feats.options().dtype(at::kBool));
+  return o;
 }
 
 std::tuple<at::Tensor, at::Tensor> causal_block_mask_cpu(
-    const at::Tensor& feats_in, const at::Tensor& lengths_in, const at::Tensor& emb_in,
-    int64_t seed, int64_t offset, double mask_prob, int64_t block_size, int64_t min_start,
-    int64_t left_context, double max_mask_ratio, int64_t align) {
-  check_block_mask_args(feats_in, lengths_in, emb_in, mask_prob, block_size, min_start,
-                        max_mask_ratio, align);
-  // A negative length is checked here (it costs nothing on the CPU); on CUDA the rule's clamp to
-  // [0, T] applies instead, because reading lengths on the host would synchronise the stream.
-  if (lengths_in.numel() > 0) {
-    TORCH_CHECK(lengths_in.min().item<int64_t>() >= 0,
-                "causal_block_mask: lengths must be >= 0, got ", lengths_in);
+    const at::Tensor& feats, const at::Tensor& lengths, const at::Tensor& emb, int64_t seed,
+    int64_t offset, double mask_prob, int64_t block_size, int64_t min_start, int64_t left_context,
+    double max_mask_ratio, int64_t align) {
+  check_block_mask_args(feats, lengths, emb, mask_prob, block_size, min_start, max_mask_ratio,
+                        align);
+  // Negative lengths are refused here, where reading them costs nothing; the CUDA kernel clamps
+  // them to 0 instead, because checking on the host would synchronise the stream.
+  const at::Tensor len = lengths.contiguous();
+  const int64_t* l = len.data_ptr<int64_t>();
+  for (int64_t b = 0; b < len.numel(); ++b) {
+    TORCH_CHECK_VALUE(l[b] >= 0, "causal_block_mask: lengths must be >= 0, got lengths[", b,
+                      "] = ", l[b]);
   }
-  const at::Tensor feats = feats_in.contiguous();
-  const at::Tensor lengths = lengths_in.contiguous();
-  const at::Tensor emb = emb_in.contiguous();
-  at::Tensor masked = at::empty_like(feats, at::MemoryFormat::Contiguous);
-  at::Tensor mask = at::empty({feats.size(0), feats.size(1)}, feats.options().dtype(at::kBool));
-  const BlockMaskRule rule = block_mask_rule(seed, offset, mask_prob, block_size, min_start,
-                                             left_context, max_mask_ratio, align);
-  cpu::causal_block_mask(feats, lengths, emb, rule, masked, mask);
-  return {masked, mask};
+  BlockMaskOutputs o = block_mask_buffers(feats, len, emb);
+  const BlockMaskRule rule = make_block_mask_rule(seed, offset, mask_prob, block_size, min_start,
+                                                  left_context, max_mask_ratio, align);
+  cpu::causal_block_mask(o.feats, o.lengths, o.emb, rule, o.masked, o.mask);
+  return {o.masked, o.mask};
 }
+
+#ifdef STREAMSSL_WITH_CUDA
+cuda::BlockMaskDtype block_mask_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kHalf:
+      return cuda::BlockMaskDtype::kFloat16;
+    case at::kBFloat16:
+      return cuda::BlockMaskDtype::kBFloat16;
+    case at::kDouble:
+      return cuda::BlockMaskDtype::kFloat64;
+    default:
+      return cuda::BlockMaskDtype::kFloat32;
+  }
+}
+
+// Same checks as the CPU kernel except the value of lengths: negative lengths count as 0 (the
+// rule's clamp), because looking at them on the host would synchronise the stream.
+std::tuple<at::Tensor, at::Tensor> causal_block_mask_cuda(
+    const at::Tensor& feats, const at::Tensor& lengths, const at::Tensor& emb, int64_t seed,
+    int64_t offset, double mask_prob, int64_t block_size, int64_t min_start, int64_t left_context,
+    double max_mask_ratio, int64_t align) {
+  check_block_mask_args(feats, lengths, emb, mask_prob, block_size, min_start, max_mask_ratio,
+                        align);
+  const c10::DeviceGuard guard(feats.device());
+  BlockMaskOutputs o = block_mask_buffers(feats, lengths, emb);
+  const BlockMaskRule rule = make_block_mask_rule(seed, offset, mask_prob, block_size, min_start,
+                                                  left_context, max_mask_ratio, align);
+  const char* err = cuda::launch_causal_block_mask(
+      o.feats.data_ptr(), o.lengths.data_ptr<int64_t>(), o.emb.data_ptr(), o.masked.data_ptr(),
+      o.mask.data_ptr<bool>(), o.feats.size(0), o.feats.size(1), o.feats.size(2),
+      block_mask_dtype(o.feats.scalar_type()), rule, current_cuda_stream(o.feats.device()));
+  TORCH_CHECK(err == nullptr, "causal_block_mask: CUDA kernel launch failed: ", err);
+  return {o.masked, o.mask};
+}
+#endif
 
 // ---------------------------------------------------------------------------------------------
 // causal_dwconv_ln
 // ---------------------------------------------------------------------------------------------
+
+// Bad arguments raise ValueError (TORCH_CHECK_VALUE), like the Python-side checks in
+// streamssl/ops/dwconv_ln.py.
 
 // Accumulation dtype: float64 for float64 x, float32 otherwise.
 at::ScalarType dwconv_ln_acc_dtype(at::ScalarType x) {
@@ -136,13 +180,13 @@ at::ScalarType dwconv_ln_acc_dtype(at::ScalarType x) {
 // float16/bfloat16 (float32 master weights under autocast).
 void check_dwconv_ln_param(const char* op, const at::Tensor& t, const char* name,
                            const at::Tensor& x, at::IntArrayRef shape) {
-  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but x is on ",
+  TORCH_CHECK_VALUE(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but x is on ",
               x.device());
-  TORCH_CHECK(t.sizes() == shape, op, ": ", name, " must have shape ", shape, ", got ", t.sizes());
+  TORCH_CHECK_VALUE(t.sizes() == shape, op, ": ", name, " must have shape ", shape, ", got ", t.sizes());
   const bool ok = t.scalar_type() == x.scalar_type() ||
                   (t.scalar_type() == at::kFloat &&
                    (x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16));
-  TORCH_CHECK(ok, op, ": ", name, " must have x's dtype ", x.scalar_type(),
+  TORCH_CHECK_VALUE(ok, op, ": ", name, " must have x's dtype ", x.scalar_type(),
               (x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16) ? " or float32"
                                                                                   : "",
               ", got ", t.scalar_type());
@@ -151,29 +195,29 @@ void check_dwconv_ln_param(const char* op, const at::Tensor& t, const char* name
 void check_dwconv_ln_args(const char* op, const at::Tensor& x, const at::Tensor& weight,
                           const std::optional<at::Tensor>& bias, const at::Tensor& ln_weight,
                           const at::Tensor& ln_bias, const std::optional<at::Tensor>& cache) {
-  TORCH_CHECK(x.dim() == 3, op, ": x must be (B, T, C), got ", x.dim(), " dimensions");
-  TORCH_CHECK(is_supported_float(x.scalar_type()),
+  TORCH_CHECK_VALUE(x.dim() == 3, op, ": x must be (B, T, C), got ", x.dim(), " dimensions");
+  TORCH_CHECK_VALUE(is_supported_float(x.scalar_type()),
               op, ": x must be float32, float16, bfloat16 or float64, got ", x.scalar_type());
   const int64_t B = x.size(0), C = x.size(2);
-  TORCH_CHECK(C >= 1, op, ": x must have at least one channel, got shape ", x.sizes());
-  TORCH_CHECK(weight.dim() == 2, op, ": weight must be (C, K), got ", weight.dim(), " dimensions");
-  TORCH_CHECK(weight.size(0) == C, op, ": weight must have shape (C, K) with C = ", C,
+  TORCH_CHECK_VALUE(C >= 1, op, ": x must have at least one channel, got shape ", x.sizes());
+  TORCH_CHECK_VALUE(weight.dim() == 2, op, ": weight must be (C, K), got ", weight.dim(), " dimensions");
+  TORCH_CHECK_VALUE(weight.size(0) == C, op, ": weight must have shape (C, K) with C = ", C,
               " (x's channels), got ", weight.sizes());
   const int64_t K = weight.size(1);
-  TORCH_CHECK(K >= 1, op, ": weight must have K >= 1 taps, got shape ", weight.sizes());
-  TORCH_CHECK(K <= 1024, op, ": weight has K = ", K, " taps; at most 1024 are supported");
+  TORCH_CHECK_VALUE(K >= 1, op, ": weight must have K >= 1 taps, got shape ", weight.sizes());
+  TORCH_CHECK_VALUE(K <= 1024, op, ": weight has K = ", K, " taps; at most 1024 are supported");
   check_dwconv_ln_param(op, weight, "weight", x, {C, K});
   if (bias.has_value()) check_dwconv_ln_param(op, *bias, "bias", x, {C});
   check_dwconv_ln_param(op, ln_weight, "ln_weight", x, {C});
   check_dwconv_ln_param(op, ln_bias, "ln_bias", x, {C});
   if (cache.has_value()) {
     const at::Tensor& c = *cache;
-    TORCH_CHECK(c.device() == x.device(), op, ": cache is on ", c.device(), " but x is on ",
+    TORCH_CHECK_VALUE(c.device() == x.device(), op, ": cache is on ", c.device(), " but x is on ",
                 x.device());
-    TORCH_CHECK(c.dim() == 3 && c.size(0) == B && c.size(1) == K - 1 && c.size(2) == C, op,
+    TORCH_CHECK_VALUE(c.dim() == 3 && c.size(0) == B && c.size(1) == K - 1 && c.size(2) == C, op,
                 ": cache must have shape (B, K-1, C) = (", B, ", ", K - 1, ", ", C, "), got ",
                 c.sizes());
-    TORCH_CHECK(c.scalar_type() == x.scalar_type(), op, ": cache must have x's dtype ",
+    TORCH_CHECK_VALUE(c.scalar_type() == x.scalar_type(), op, ": cache must have x's dtype ",
                 x.scalar_type(), ", got ", c.scalar_type());
   }
 }
@@ -192,7 +236,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dwconv_ln_forward_out
 }
 
 void check_dwconv_ln_eps(double eps) {
-  TORCH_CHECK(std::isfinite(eps) && eps >= 0.0, "causal_dwconv_ln: eps must be finite and >= 0, got ",
+  TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0.0, "causal_dwconv_ln: eps must be finite and >= 0, got ",
               eps);
 }
 
@@ -213,20 +257,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> causal_dwconv_ln_cpu(
 void check_dwconv_ln_backward_args(const at::Tensor& grad_y, const at::Tensor& x,
                                    const at::Tensor& mean, const at::Tensor& rstd) {
   const char* op = "causal_dwconv_ln_backward";
-  TORCH_CHECK(grad_y.device() == x.device(), op, ": grad_y is on ", grad_y.device(),
+  TORCH_CHECK_VALUE(grad_y.device() == x.device(), op, ": grad_y is on ", grad_y.device(),
               " but x is on ", x.device());
-  TORCH_CHECK(grad_y.sizes() == x.sizes(), op, ": grad_y must have x's shape ", x.sizes(),
+  TORCH_CHECK_VALUE(grad_y.sizes() == x.sizes(), op, ": grad_y must have x's shape ", x.sizes(),
               ", got ", grad_y.sizes());
-  TORCH_CHECK(grad_y.scalar_type() == x.scalar_type(), op, ": grad_y must have x's dtype ",
+  TORCH_CHECK_VALUE(grad_y.scalar_type() == x.scalar_type(), op, ": grad_y must have x's dtype ",
               x.scalar_type(), ", got ", grad_y.scalar_type());
   const at::ScalarType acc = dwconv_ln_acc_dtype(x.scalar_type());
   for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{mean, "mean"},
                                 std::pair<const at::Tensor&, const char*>{rstd, "rstd"}}) {
-    TORCH_CHECK(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but x is on ",
+    TORCH_CHECK_VALUE(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but x is on ",
                 x.device());
-    TORCH_CHECK(t.dim() == 2 && t.size(0) == x.size(0) && t.size(1) == x.size(1), op, ": ", name,
+    TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == x.size(0) && t.size(1) == x.size(1), op, ": ", name,
                 " must have shape (B, T) = (", x.size(0), ", ", x.size(1), "), got ", t.sizes());
-    TORCH_CHECK(t.scalar_type() == acc, op, ": ", name, " must be ", acc, ", got ",
+    TORCH_CHECK_VALUE(t.scalar_type() == acc, op, ": ", name, " must be ", acc, ", got ",
                 t.scalar_type());
   }
 }
@@ -288,9 +332,9 @@ cuda::DwconvLnProblem dwconv_ln_problem(const char* op, const at::Tensor& x,
   p.ln_weight_dtype = dwconv_ln_dtype(ln_weight.scalar_type());
   p.ln_bias_dtype = dwconv_ln_dtype(ln_bias.scalar_type());
   const int64_t max_c = cuda::dwconv_ln_max_channels(p.x_dtype);
-  TORCH_CHECK(p.C <= max_c, op, ": x has C = ", p.C, " channels; the CUDA kernels take at most ",
+  TORCH_CHECK_VALUE(p.C <= max_c, op, ": x has C = ", p.C, " channels; the CUDA kernels take at most ",
               max_c, " for ", x.scalar_type());
-  TORCH_CHECK(p.B * p.T < (int64_t{1} << 31), op, ": x has B * T = ", p.B * p.T,
+  TORCH_CHECK_VALUE(p.B * p.T < (int64_t{1} << 31), op, ": x has B * T = ", p.B * p.T,
               " rows; the CUDA kernels take fewer than 2^31");
   return p;
 }
@@ -382,8 +426,9 @@ TORCH_LIBRARY_IMPL(streamssl, CPU, m) {
 }
 
 #ifdef STREAMSSL_WITH_CUDA
-// causal_dwconv_ln's lines of the CUDA registration (merge into the one CUDA block).
+// One line per op with a CUDA kernel.
 TORCH_LIBRARY_IMPL(streamssl, CUDA, m) {
+  m.impl("causal_block_mask", &streamssl::causal_block_mask_cuda);
   m.impl("causal_dwconv_ln", &streamssl::causal_dwconv_ln_cuda);
   m.impl("causal_dwconv_ln_backward", &streamssl::causal_dwconv_ln_backward_cuda);
 }

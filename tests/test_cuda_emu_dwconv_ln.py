@@ -5,9 +5,11 @@ csrc/cuda/dwconv_ln.cuh that dwconv_ln.cu runs on a GPU. The emulated forward, b
 streaming step are compared with the float64 reference under the tolerances of
 tests/test_dwconv_ln.py (derived there from each dtype's unit roundoff), and with the CPU kernel.
 Shapes are small (every emulated thread hand-off costs about a microsecond) but reach every
-code path: aligned 16-byte vectors and the element-wise path (C not a multiple of the vector),
-one and several warps per row, one to eight vectors per thread, missing cache and bias, K = 1 up
-to 33 (two passes of the column kernel), and several column tiles per sequence.
+code path: aligned 16-byte vectors and the element-wise path (C not a multiple of the vector, or
+a misaligned x), one and several warps per row, one to eight vectors per thread, missing cache
+and bias, K = 1 up to 33 (two passes of the column kernel), and several column tiles per
+sequence. Every output lives in a buffer with sentinel guards on both sides, so a write out of
+bounds shows up.
 """
 
 from __future__ import annotations
@@ -20,17 +22,63 @@ from streamssl.ops import reference
 from test_dwconv_ln import fwd_tol, grad_tol, make_inputs
 
 try:
-    from cuda_emu import load
-except ImportError:  # a tree without the emulator (tests/cuda_emu/__init__.py and build.py)
-    pytest.skip("tests/cuda_emu, the CUDA emulator, is not in this tree", allow_module_level=True)
+    from cuda_emu import CompilerNotFound, load
+except ImportError:  # tests/ imported as a package
+    from tests.cuda_emu import CompilerNotFound, load
 
 DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
 HAS_EXTENSION = ops.backend() != "reference"
 
 
+GUARD = 16  # elements of sentinel before and after every output buffer
+
+
 @pytest.fixture(scope="module")
 def emu():
-    return load("emu_dwconv_ln.cpp")
+    try:
+        return load("emu_dwconv_ln.cpp")
+    except CompilerNotFound as e:
+        pytest.skip(f"no C++ compiler for the CUDA emulator: {e}")
+
+
+@pytest.fixture(autouse=True)
+def _default_schedule(emu, monkeypatch):
+    """Every test starts from the default schedule, whatever the environment says."""
+    monkeypatch.delenv("CUDA_EMU_SCHEDULE", raising=False)
+    emu.set_schedule(None)
+    yield
+    emu.set_schedule(None)
+
+
+class Guarded:
+    """An output of `shape` inside a buffer of sentinel bytes (0xA5: NaN-like in every float
+    dtype we use); `check()` returns the payload after asserting the guards are intact."""
+
+    def __init__(self, shape, dtype):
+        n = 1
+        for d in shape:
+            n *= d
+        self.shape, self.n = tuple(shape), n
+        self.buf = torch.empty(n + 2 * GUARD, dtype=dtype)
+        self.buf.view(torch.uint8).fill_(0xA5)
+        self.before = self.buf.clone()
+        self.t = self.buf[GUARD : GUARD + n].view(self.shape)
+
+    def check(self, name):
+        b, e = GUARD, GUARD + self.n
+        assert self.buf[:b].view(torch.uint8).equal(self.before[:b].view(torch.uint8)), f"write before {name}"
+        assert self.buf[e:].view(torch.uint8).equal(self.before[e:].view(torch.uint8)), f"write after {name}"
+        return self.t.clone()
+
+
+def misaligned(t: torch.Tensor) -> torch.Tensor:
+    """A copy of t whose data starts one element past a 16-byte boundary."""
+    buf = torch.empty(t.numel() + 16, dtype=t.dtype)
+    k = next(i for i in range(1, 16) if (buf.data_ptr() + i * t.element_size()) % 16)
+    out = buf[k : k + t.numel()].view(t.shape)
+    out.copy_(t)
+    assert out.data_ptr() % 16 != 0
+    return out
 
 
 def acc_dtype(dtype):
@@ -50,28 +98,24 @@ def workspace(emu, B, T, C, K, dtype, backward):
 def emu_forward(emu, x, w, b, lw, lb, c, *, eps=1e-5, swish=True):
     B, T, C = x.shape
     K = w.shape[1]
-    y = torch.full_like(x, float("nan"))
-    new_cache = torch.full((B, K - 1, C), float("nan"), dtype=x.dtype)
-    mean = torch.full((B, T), float("nan"), dtype=acc_dtype(x.dtype))
-    rstd = torch.full_like(mean, float("nan"))
+    outs = [Guarded((B, T, C), x.dtype), Guarded((B, K - 1, C), x.dtype),
+            Guarded((B, T), acc_dtype(x.dtype)), Guarded((B, T), acc_dtype(x.dtype))]
     ws = workspace(emu, B, T, C, K, x.dtype, False)
     emu.fn("emu_dwconv_ln_forward", x, w, b, lw, lb, c, B, T, C, K, *codes(x, w, b, lw, lb), eps, int(swish),
-           y, new_cache, mean, rstd, ws)
-    return y, new_cache, mean, rstd
+           *(o.t for o in outs), ws)
+    return tuple(o.check(name) for o, name in zip(outs, ("y", "new_cache", "mean", "rstd")))
 
 
 def emu_backward(emu, gy, x, w, b, lw, lb, c, mean, rstd, *, swish=True):
     B, T, C = x.shape
     K = w.shape[1]
-    gx = torch.full_like(x, float("nan"))
-    gw = torch.full_like(w, float("nan"))
-    gb = torch.full((C,), float("nan"), dtype=(b if b is not None else w).dtype)
-    glw = torch.full_like(lw, float("nan"))
-    glb = torch.full_like(lb, float("nan"))
+    outs = [Guarded(x.shape, x.dtype), Guarded(w.shape, w.dtype), Guarded((C,), (b if b is not None else w).dtype),
+            Guarded(lw.shape, lw.dtype), Guarded(lb.shape, lb.dtype)]
     ws = workspace(emu, B, T, C, K, x.dtype, True)
     emu.fn("emu_dwconv_ln_backward", gy, x, w, b, lw, lb, c, mean, rstd, B, T, C, K, *codes(x, w, b, lw, lb),
-           int(swish), gx, gw, gb, glw, glb, ws)
-    return gx, gw, gb, glw, glb
+           int(swish), *(o.t for o in outs), ws)
+    return tuple(o.check(name) for o, name in zip(outs, ("grad_x", "grad_weight", "grad_bias", "grad_ln_weight",
+                                                         "grad_ln_bias")))
 
 
 def reference_all(x, w, b, lw, lb, c, gy, swish=True):
@@ -141,6 +185,30 @@ def test_float32_parameters_with_reduced_activations(emu, dtype):
     grads = emu_backward(emu, gy, x, w, b, lw, lb, c, mean, rstd)
     assert all(g.dtype == torch.float32 for g in grads[1:])
     check_grads(grads, grads_ref, dtype, B, T, C, K)
+
+
+def vec_ok(emu, x, c, out, C):
+    flag = torch.zeros(1, dtype=torch.int64)
+    emu.fn("emu_dwconv_ln_rows_vec_ok", x, c, out, C, DTYPE_CODE[x.dtype], flag)
+    return bool(flag)
+
+
+def test_misaligned_rows_take_the_element_path(emu):
+    """With C a multiple of the vector but x one element off alignment, the kernels must not use
+    16-byte accesses (the emulator would not fault on one; a GPU would), and give the same bits."""
+    B, T, C, K = 2, 4, 32, 3
+    x, w, b, lw, lb, c = make_inputs(B, T, C, K)
+    gy = torch.randn(B, T, C)
+    assert vec_ok(emu, x, c, torch.empty_like(x), C)
+    assert not vec_ok(emu, misaligned(x), c, torch.empty_like(x), C)
+    assert not vec_ok(emu, x, misaligned(c), torch.empty_like(x), C)
+    assert not vec_ok(emu, x, c, torch.empty_like(x), C + 1)
+    y, nc, mean, rstd = emu_forward(emu, x, w, b, lw, lb, c)
+    y2, nc2, mean2, rstd2 = emu_forward(emu, misaligned(x), w, b, lw, lb, misaligned(c))
+    assert torch.equal(y, y2) and torch.equal(nc, nc2) and torch.equal(mean, mean2)
+    g = emu_backward(emu, gy, x, w, b, lw, lb, c, mean, rstd)
+    g2 = emu_backward(emu, misaligned(gy), misaligned(x), w, b, lw, lb, c, mean, rstd)
+    assert all(torch.equal(a, e) for a, e in zip(g, g2))
 
 
 @pytest.mark.parametrize("B", [1, 16])

@@ -706,6 +706,13 @@ __global__ void backward_reduce_kernel(const ReduceArgs<A> p) {
 
 inline bool aligned16(const void* p) { return p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
+// Whether the row kernels may use 16-byte accesses: every row of the x-typed tensors (x, cache
+// and y, or grad_y) starts on 16 bytes. Else they read and write element by element.
+inline bool rows_vec_ok(int x_dtype, int64_t C, const void* a, const void* b, const void* c) {
+  const int vec = 16 / dtype_bytes(x_dtype);
+  return C % vec == 0 && aligned16(a) && aligned16(b) && aligned16(c);
+}
+
 template <typename A>
 PackArgs<A> pack_args(const DwconvLnProblem& p, const void* weight, const void* bias,
                       const void* ln_weight, const void* ln_bias, A* out) {
@@ -797,7 +804,7 @@ int run_forward(const DwconvLnProblem& p, const void* x, const void* weight, con
   a.K = p.K;
   a.eps = static_cast<A>(eps);
   a.swish = swish;
-  a.vec_ok = p.C % VEC == 0 && aligned16(x) && aligned16(cache) && aligned16(y);
+  a.vec_ok = rows_vec_ok(xd, p.C, x, cache, y);
   a.group_warps = plan.group_warps;
   a.groups_per_block = plan.groups_per_block;
   a.rows_per_group = plan.rows_per_group;
@@ -841,7 +848,7 @@ int run_backward(const DwconvLnProblem& p, const void* grad_y, const void* x, co
   a.C = p.C;
   a.K = p.K;
   a.swish = swish;
-  a.vec_ok = p.C % VEC == 0 && aligned16(x) && aligned16(cache) && aligned16(grad_y);
+  a.vec_ok = rows_vec_ok(xd, p.C, x, cache, grad_y);
   a.group_warps = rp.group_warps;
   a.groups_per_block = rp.groups_per_block;
   a.rows_per_group = rp.rows_per_group;

@@ -47,10 +47,17 @@ def causal_block_mask(
 
     The mask is a pure function of (seed, offset, b, t, lengths): the same on CPU and CUDA, the
     same whatever the batch padding, and causal (a prefix's mask does not depend on later frames).
+    Candidate starts are the frames s in [min_start, L) with s % align == 0 whose Philox uniform
+    u(b, s) is below mask_prob; in increasing s, the block [s, min(s + block_size, L)) is kept iff
+    afterwards the window [e - W, e) ending at its end e holds at most floor(max_mask_ratio * W)
+    masked frames (W = min(left_context, e), or e when left_context <= 0). On CUDA nothing is
+    read back to the host: no synchronisation, no ``.item()``.
 
     Args:
         feats: (B, T, F) float32 / bfloat16 / float16 / float64.
-        lengths: (B,) int64 valid frames, on feats' device (values are clamped to [0, T] on CUDA).
+        lengths: (B,) int64 valid frames, on feats' device. Lengths above T count as T. Negative
+            lengths raise a ValueError on the CPU; on CUDA they count as 0, because checking
+            them would synchronise the stream.
         mask_embedding: (F,) same dtype and device as feats; gradients flow to it and to feats.
         seed, offset: Python ints; the RNG key is the seed, the counter starts with the offset.
         mask_prob: probability that a frame starts a block.
@@ -60,7 +67,12 @@ def causal_block_mask(
         max_mask_ratio: most masked frames allowed in any window a block ends.
         align: block starts are multiples of this.
     Returns:
-        masked: (B, T, F) new tensor in feats' dtype. mask: (B, T) bool.
+        masked: (B, T, F) new contiguous tensor in feats' dtype, ``where(mask, mask_embedding,
+        feats)``. mask: (B, T) bool, True on masked frames (never at t >= L or t < min_start).
+    Raises:
+        ValueError naming the argument for a wrong shape, dtype or device, a probability outside
+        [0, 1], block_size < 1, min_start < 0, align < 1 or (CPU) a negative length; TypeError
+        for a non-int seed or offset. Nothing is computed then.
     """
     seed = as_int64(seed, "seed")
     offset = as_int64(offset, "offset")
@@ -68,7 +80,8 @@ def causal_block_mask(
     from . import uses_extension
 
     if not uses_extension(feats):
-        if feats.numel() and lengths.numel() and bool((lengths < 0).any()):
+        # As in the kernels: refused on the CPU, clamped to 0 elsewhere (no host sync on CUDA).
+        if feats.device.type == "cpu" and lengths.numel() and bool((lengths < 0).any()):
             raise ValueError(f"lengths must be >= 0, got {lengths.tolist()}")
         return reference.causal_block_mask(
             feats, lengths, mask_embedding, seed, offset, mask_prob=mask_prob, block_size=block_size,
@@ -99,7 +112,7 @@ def register_library_parts() -> None:
         grad_feats = grad_masked.masked_fill(keep, 0) if ctx.needs_input_grad[0] else None
         grad_emb = None
         if ctx.needs_input_grad[2]:
-            grad_emb = (grad_masked * keep).sum(dim=(0, 1))
+            grad_emb = torch.where(keep, grad_masked, 0).sum(dim=(0, 1))
         return grad_feats, None, grad_emb, None, None, None, None, None, None, None, None
 
     torch.library.register_autograd(

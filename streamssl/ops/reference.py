@@ -89,9 +89,9 @@ def causal_block_mask(
         L = min(max(length, 0), T)
         first = max(min_start, 0)
         first = -(-first // align) * align  # smallest multiple of align >= first
-        frames = torch.arange(first, L, align, dtype=torch.int64)
-        if frames.numel() == 0:
+        if first >= L:  # torch.arange refuses first > L
             continue
+        frames = torch.arange(first, L, align, dtype=torch.int64)
         starts = frames[mask_uniforms(seed, offset, b, frames) < mask_prob].tolist()
         row = mask[b]
         for s in starts:  # increasing s

@@ -51,6 +51,14 @@ CUDA_EMU_BINDING(emu_dwconv_ln_workspace_bytes, int64_t B, int64_t T, int64_t C,
   return 0;
 }
 
+// Whether the row kernels would use 16-byte accesses for these rows (k::rows_vec_ok).
+CUDA_EMU_BINDING(emu_dwconv_ln_rows_vec_ok, const void* x, const void* cache, const void* out, int64_t C,
+                 int64_t x_dtype, int64_t* vec_ok) {
+  if (!valid_dtype(x_dtype)) return cuda_emu::invalid_argument("bad dtype %lld", (long long)x_dtype);
+  *vec_ok = k::rows_vec_ok(static_cast<int>(x_dtype), C, x, cache, out) ? 1 : 0;
+  return 0;
+}
+
 CUDA_EMU_BINDING(emu_dwconv_ln_forward, const void* x, const void* weight, const void* bias, const void* ln_weight,
                  const void* ln_bias, const void* cache, int64_t B, int64_t T, int64_t C, int64_t K,
                  int64_t x_dtype, int64_t w_dtype, int64_t b_dtype, int64_t lw_dtype, int64_t lb_dtype, double eps,

@@ -1,0 +1,238 @@
+"""The ``streamssl`` command.
+
+Each subcommand is a pair of functions, ``_args_<name>(parser)`` (declares its arguments) and
+``_run_<name>(args) -> int`` (does the work, returns the exit status), registered in ``COMMANDS``.
+To add a subcommand, write the pair and add one row to the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Callable, NamedTuple, Sequence
+
+
+class Command(NamedTuple):
+    help: str
+    add_args: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+# -- demo-data -------------------------------------------------------------------------------------
+def _args_demo_data(p: argparse.ArgumentParser) -> None:
+    p.add_argument("out_dir", metavar="OUT_DIR", help="directory to write the corpus into")
+    p.add_argument("--seed", type=int, default=0, help="corpus seed (same seed, same bytes)")
+    p.add_argument("--n-train", type=int, default=48, help="training utterances (2-12 s each)")
+    p.add_argument("--n-val", type=int, default=8, help="validation utterances")
+    p.add_argument("--n-noise", type=int, default=6, help="noise files (6-10 s each)")
+
+
+def _run_demo_data(args: argparse.Namespace) -> int:
+    from streamssl.data.demo import make_demo_corpus
+    from streamssl.data.manifest import load_manifest
+
+    t0 = time.perf_counter()
+    corpus = make_demo_corpus(args.out_dir, seed=args.seed, n_train=args.n_train, n_val=args.n_val,
+                              n_noise=args.n_noise)
+    dt = time.perf_counter() - t0
+    for name in ("train", "val", "noise"):
+        path = getattr(corpus, name)
+        idx = load_manifest(path)
+        print(f"{name:6s} {path}  ({len(idx)} files, {idx.total_seconds / 60:.1f} min)")
+    print(f"alignments: {corpus.train_alignment}, {corpus.val_alignment}")
+    print(f"wrote {corpus.root} in {dt:.1f} s")
+    return 0
+
+
+# -- compute-stats ---------------------------------------------------------------------------------
+def _args_compute_stats(p: argparse.ArgumentParser) -> None:
+    p.add_argument("manifest", metavar="MANIFEST", nargs="+", help="manifest(s) to measure")
+    p.add_argument("out", metavar="OUT", help="JSON file to write (mean, std, frames, feature settings)")
+    p.add_argument("--max-hours", type=float, default=None,
+                   help="use a seeded random subset of about this many hours")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--batch-seconds", type=float, default=120.0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--sample-rate", type=int, default=16000)
+    p.add_argument("--n-mels", type=int, default=80)
+    p.add_argument("--win-length", type=int, default=400)
+    p.add_argument("--hop-length", type=int, default=160)
+    p.add_argument("--n-fft", type=int, default=512)
+    p.add_argument("--preemph", type=float, default=0.97)
+
+
+def _run_compute_stats(args: argparse.Namespace) -> int:
+    from streamssl.data.manifest import load_manifest
+    from streamssl.ssl.features import LogMelFeatures, compute_global_stats, save_stats
+
+    feats = LogMelFeatures(sample_rate=args.sample_rate, n_mels=args.n_mels, win_length=args.win_length,
+                           hop_length=args.hop_length, n_fft=args.n_fft, preemph=args.preemph)
+    index = load_manifest(args.manifest)
+    max_seconds = None if args.max_hours is None else args.max_hours * 3600.0
+    t0 = time.perf_counter()
+    stats = compute_global_stats(index, feats, max_seconds=max_seconds, batch_seconds=args.batch_seconds,
+                                 num_workers=args.num_workers, seed=args.seed, device=args.device)
+    save_stats(args.out, stats)
+    print(f"{stats['frames']} frames ({stats['seconds'] / 3600:.3f} h) in {time.perf_counter() - t0:.1f} s; "
+          f"{stats['skipped']} file(s) skipped; wrote {args.out}")
+    return 0
+
+
+# -- pretrain --------------------------------------------------------------------------------------
+def _args_pretrain(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=None,
+                   help="recipe YAML or bundled recipe name (demo, small, small_lookahead, ...); default: demo")
+    p.add_argument("--out", default="runs/demo", help="run directory; an existing checkpoint there is resumed")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted config overrides")
+
+
+def _run_pretrain(args: argparse.Namespace) -> int:
+    from streamssl.config import load_config
+    from streamssl.train import pretrain
+
+    cfg = load_config(args.config, args.overrides)
+    t0 = time.perf_counter()
+    last = pretrain(cfg, args.out)
+    out = Path(args.out)
+    if last:
+        summary = ", ".join(f"{k} {last[k]:.4f}" for k in ("loss", "acc", "val_loss", "val_acc") if k in last)
+        print(f"step {last['step']}: {summary}")
+    print(f"finished in {time.perf_counter() - t0:.0f} s")
+    print(f"checkpoint: {out / 'checkpoints' / 'last.pt'}")
+    print(f"metrics:    {out / 'metrics.jsonl'}")
+    print(f"config:     {out / 'config.yaml'}")
+    return 0
+
+
+# -- export-encoder --------------------------------------------------------------------------------
+def _args_export_encoder(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", metavar="CKPT", help="pretraining checkpoint (<run>/checkpoints/last.pt)")
+    p.add_argument("out", metavar="OUT", help="encoder file to write (load with streamssl.load_encoder)")
+
+
+def _run_export_encoder(args: argparse.Namespace) -> int:
+    from streamssl.export import export_encoder, load_encoder
+
+    path = export_encoder(args.checkpoint, args.out)
+    enc = load_encoder(path)
+    n = sum(p.numel() for p in enc.parameters())
+    print(f"wrote {path}: FastConformerEncoder d_model={enc.d_model}, {enc.n_layers} layers, "
+          f"{n / 1e6:.2f} M parameters, att_context_size={list(enc.att_context_size)}")
+    return 0
+
+
+# -- stream ----------------------------------------------------------------------------------------
+def _args_stream(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", metavar="CKPT", help="exported encoder or pretraining checkpoint")
+    p.add_argument("audio", metavar="AUDIO", help="audio file (any rate soundfile reads; resampled)")
+    p.add_argument("--att-context-size", default=None, metavar="L,R",
+                   help="context to stream with (one of the trained ones); default: the first")
+    p.add_argument("--chunks-per-step", type=int, default=1, help="encoder chunks fed per step")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads (1: as on a device)")
+
+
+def _run_stream(args: argparse.Namespace) -> int:
+    import torch
+
+    from streamssl.data.audio import load_audio
+    from streamssl.export import load_encoder
+    from streamssl.stream import stream_audio
+
+    torch.set_num_threads(args.threads)
+    enc, feats = load_encoder(args.checkpoint, with_features=True)
+    if args.att_context_size:
+        try:
+            pair = [int(v) for v in args.att_context_size.split(",")]
+        except ValueError:
+            raise ValueError(f"--att-context-size: expected L,R, got {args.att_context_size!r}") from None
+        enc.set_default_att_context_size(pair)
+    audio = torch.from_numpy(load_audio(args.audio, sample_rate=feats.sample_rate))
+    r = stream_audio(enc, feats, audio, chunks_per_step=args.chunks_per_step)
+    steps = sorted(r["step_ms"])
+    p95 = steps[min(len(steps) - 1, int(0.95 * len(steps)))] if steps else float("nan")
+    print(f"audio: {args.audio} ({r['seconds']:.2f} s), att_context_size={list(enc.att_context_size)} "
+          f"({enc.att_context_style})")
+    print(f"chunk: {r['chunk_ms']:.0f} ms of audio per step; algorithmic lookahead {r['lookahead_ms']:.0f} ms, "
+          f"latency {r['latency_ms']:.0f} ms")
+    print(f"compute per step: mean {sum(steps) / max(len(steps), 1):.2f} ms, p95 {p95:.2f} ms over {len(steps)} steps "
+          f"({args.threads} thread(s))")
+    print(f"real-time factor: {r['rtf']:.3f}")
+    print(f"encoder frames: {r['output'].shape[0]}; streaming vs offline max |diff| = {r['max_abs_diff']:.2e}")
+    return 0
+
+
+# -- info ------------------------------------------------------------------------------------------
+def _args_info(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=None, help="recipe to describe (default: demo)")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value")
+
+
+def _run_info(args: argparse.Namespace) -> int:
+    import torch
+
+    import streamssl
+    from streamssl import ops
+    from streamssl.config import load_config, resolve_recipe
+    from streamssl.nn.encoder import FastConformerEncoder
+
+    print(f"streamssl {streamssl.__version__}, torch {torch.__version__}, "
+          f"CUDA available: {torch.cuda.is_available()}")
+    print(f"ops backend: {ops.backend()}")
+    cfg = load_config(args.config, args.overrides)
+    from omegaconf import OmegaConf
+
+    enc_cfg = OmegaConf.to_container(cfg.model.encoder, resolve=True)
+    enc = FastConformerEncoder(**enc_cfg)
+    n = sum(p.numel() for p in enc.parameters())
+    print(f"recipe: {resolve_recipe(args.config)}; encoder {n / 1e6:.2f} M parameters")
+    for pair in enc.att_context_sizes:
+        enc.set_default_att_context_size(list(pair))
+        print(f"  att_context_size={list(pair)} ({enc.att_context_style}): chunk {enc.chunk_ms():.0f} ms, "
+              f"lookahead {enc.lookahead_ms():.0f} ms, algorithmic latency {enc.latency_ms():.0f} ms")
+    return 0
+
+
+# -- table -----------------------------------------------------------------------------------------
+COMMANDS: dict[str, Command] = {
+    "pretrain": Command("NEST/BEST-RQ pretraining of a streaming encoder (resumes from --out)",
+                        _args_pretrain, _run_pretrain),
+    "export-encoder": Command("write the encoder of a pretraining checkpoint for fine-tuning",
+                              _args_export_encoder, _run_export_encoder),
+    "stream": Command("stream an audio file chunk by chunk through an encoder; latency and RTF",
+                      _args_stream, _run_stream),
+    "info": Command("ops backend, and the chunk size / lookahead / latency of a recipe", _args_info, _run_info),
+    "demo-data": Command("write the small synthetic demo corpus", _args_demo_data, _run_demo_data),
+    "compute-stats": Command("global log-mel mean/std of a manifest (for normalize='global')",
+                             _args_compute_stats, _run_compute_stats),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="streamssl", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, cmd in COMMANDS.items():
+        p = sub.add_parser(name, help=cmd.help, description=cmd.help)
+        cmd.add_args(p)
+        p.set_defaults(_run=cmd.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``streamssl`` console script; returns the exit status."""
+    from streamssl.checkpoint import CheckpointError
+    from streamssl.data.audio import AudioReadError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except (ValueError, OSError, AudioReadError, CheckpointError) as e:
+        # These errors name the argument, file or line; a traceback would only bury that.
+        print(f"streamssl {args.command}: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

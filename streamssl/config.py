@@ -1,0 +1,274 @@
+"""Pretraining configuration: a typed schema, YAML recipes and NeMo-style dotted overrides.
+
+A recipe is a YAML file merged over the schema below; ``key.sub=value`` overrides are merged last.
+Unknown keys and values of the wrong type fail before anything runs, with the key named.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Optional
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+_PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+@dataclass
+class EncoderConfig:
+    """Arguments of streamssl.nn.FastConformerEncoder (defaults: the small preset)."""
+
+    feat_in: int = 80
+    d_model: int = 176
+    n_layers: int = 16
+    n_heads: int = 4
+    ff_expansion: int = 4
+    conv_kernel_size: int = 9
+    subsampling_factor: int = 8
+    subsampling_channels: int = 256
+    # [left, right] in encoder frames, or a list of such pairs for multi-latency training.
+    att_context_size: Any = field(default_factory=lambda: [-1, 0])
+    att_context_style: str = "chunked_limited"
+    dropout: float = 0.1
+
+
+@dataclass
+class FeaturesConfig:
+    sample_rate: int = 16000
+    n_mels: int = 80
+    win_length: int = 400
+    hop_length: int = 160
+    n_fft: int = 512
+    preemph: float = 0.97
+    dither: float = 1e-5
+    # Encoder input: "none" (streaming-safe) or "global". Targets always use "per_utterance".
+    normalize: str = "none"
+
+
+@dataclass
+class MaskingConfig:
+    mask_prob: float = 0.01
+    block_size: int = 40
+    min_start: int = 16
+    # Window of the max_mask_ratio cap in feature frames; -1: the whole prefix. Streaming recipes
+    # with a limited attention left context set it to that context in feature frames.
+    left_context: int = -1
+    max_mask_ratio: float = 0.8
+    align: int = 1
+    # An encoder frame is a prediction target when this fraction of its input frames is masked.
+    target_threshold: float = 0.8
+    learnable_embedding: bool = False
+
+
+@dataclass
+class QuantizerConfig:
+    num_codes: int = 8192
+    code_dim: int = 16
+    num_codebooks: int = 1
+
+
+@dataclass
+class AugmentConfig:
+    prob: float = 0.5
+    noise_ratio: float = 0.5
+    noise_snr: List[float] = field(default_factory=lambda: [-5.0, 20.0])
+    speech_snr: List[float] = field(default_factory=lambda: [-5.0, 5.0])
+    segment_ratio: float = 0.5
+
+
+@dataclass
+class ModelConfig:
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    masking: MaskingConfig = field(default_factory=MaskingConfig)
+    quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass
+class DataConfig:
+    # None: the demo corpus, written on first use into demo_dir.
+    train_manifest: Optional[Any] = None  # a path or a list of paths
+    train_weights: Optional[List[float]] = None
+    val_manifest: Optional[str] = None
+    noise_manifest: Optional[str] = None
+    demo_dir: Optional[str] = None  # default: <out>/demo_data
+    batch_seconds: float = 60.0
+    min_duration: float = 0.5
+    max_duration: float = 20.0
+    num_workers: int = 2
+    strict: bool = False  # True: a corrupt audio file stops training
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-3  # peak learning rate, reached at the end of warm-up
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.98])
+    weight_decay: float = 1e-3
+    warmup_steps: int = 1000
+    min_lr: float = 1e-6
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 100000
+    log_every: int = 50
+    ckpt_every: int = 1000
+    val_every: int = 1000
+    max_val_batches: int = 50
+    seed: int = 1234
+    grad_clip: float = 1.0
+    accumulate_grad_batches: int = 1
+    keep_last: int = 3
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
+    progress: bool = True  # tqdm bar on rank 0
+
+
+@dataclass
+class PretrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+class ConfigError(ValueError):
+    """A recipe or an override is invalid; the message names the key."""
+
+
+def recipe_dir() -> Path:
+    """Where the bundled recipes live: ``streamssl/_configs`` in a wheel, ``configs/`` in a checkout."""
+    for candidate in (_PACKAGE_DIR / "_configs", _PACKAGE_DIR.parent / "configs"):
+        if (candidate / "demo.yaml").is_file():
+            return candidate
+    raise FileNotFoundError(f"streamssl's recipes were not found next to {_PACKAGE_DIR}")
+
+
+def resolve_recipe(name_or_path: str | None) -> Path:
+    """A recipe path from a path or a bundled recipe name ("demo", "small", ...); None is demo."""
+    if name_or_path is None:
+        return recipe_dir() / "demo.yaml"
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    bundled = recipe_dir() / f"{name_or_path}.yaml"
+    if bundled.is_file():
+        return bundled
+    names = sorted(q.stem for q in recipe_dir().glob("*.yaml"))
+    raise ConfigError(f"config {name_or_path!r}: no such file, and not a bundled recipe ({', '.join(names)})")
+
+
+def _recipe_chain(path: Path) -> list[Path]:
+    """The recipe and its ``base:`` ancestors, oldest first (a variant states only what differs)."""
+    chain: list[Path] = []
+    while True:
+        if path in chain:
+            raise ConfigError(f"{path}: 'base' chain loops back to itself")
+        chain.append(path)
+        try:
+            base = OmegaConf.load(path).get("base")
+        except Exception as e:
+            raise ConfigError(f"{path}: cannot parse: {e}") from e
+        if base is None:
+            return chain[::-1]
+        candidate = path.parent / f"{base}" if str(base).endswith(".yaml") else path.parent / f"{base}.yaml"
+        path = candidate if candidate.is_file() else resolve_recipe(str(base))
+
+
+def _all_keys(node, prefix: str = "") -> list[str]:
+    keys = []
+    if isinstance(node, DictConfig):
+        for k in node.keys():
+            full = f"{prefix}{k}"
+            keys.append(full)
+            keys += _all_keys(node._get_node(k), full + ".")
+    return keys
+
+
+def _explain(err: OmegaConfBaseException, schema: DictConfig, where: str) -> ConfigError:
+    key = getattr(err, "full_key", None) or ""
+    msg = getattr(err, "msg", None) or str(err).splitlines()[0]
+    if "not in struct" in str(err) or "Missing key" in str(err) or "Key '" in str(err):
+        close = difflib.get_close_matches(key, _all_keys(schema), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        return ConfigError(f"{where}: unknown config key {key!r}{hint}")
+    return ConfigError(f"{where}: bad value for {key!r}: {msg}")
+
+
+def load_config(recipe: str | None = None, overrides: list[str] | None = None) -> DictConfig:
+    """The resolved pretraining config.
+
+    Args:
+        recipe: a YAML path or a bundled recipe name; None means the demo recipe.
+        overrides: ``["trainer.max_steps=100", "model.encoder.att_context_size=[16,0]", ...]``.
+    Returns:
+        a read-only DictConfig with every key of the schema.
+    Raises:
+        ConfigError naming the bad key (unknown key, wrong type, malformed override).
+    """
+    schema = OmegaConf.structured(PretrainConfig)
+    cfg = schema
+    for path in _recipe_chain(resolve_recipe(recipe)):
+        try:
+            layer = OmegaConf.load(path)
+        except Exception as e:  # YAML syntax errors carry their line
+            raise ConfigError(f"{path}: cannot parse: {e}") from e
+        layer.pop("base", None)
+        try:
+            cfg = OmegaConf.merge(cfg, layer)
+        except OmegaConfBaseException as e:
+            raise _explain(e, schema, str(path)) from e
+    for item in overrides or []:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"override {item!r}: expected key.sub=value")
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException as e:
+            raise _explain(e, schema, f"override {item!r}") from e
+    _validate(cfg)
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def _validate(cfg: DictConfig) -> None:
+    def need(ok: bool, key: str, msg: str):
+        if not ok:
+            raise ConfigError(f"{key}: {msg}")
+
+    t, o, m, d = cfg.trainer, cfg.optim, cfg.model, cfg.data
+    need(t.max_steps >= 1, "trainer.max_steps", "must be >= 1")
+    for k in ("log_every", "ckpt_every", "val_every", "accumulate_grad_batches", "keep_last"):
+        need(t[k] >= 1, f"trainer.{k}", "must be >= 1")
+    need(t.device in ("auto", "cpu", "cuda"), "trainer.device", "must be auto, cpu or cuda")
+    need(t.precision in ("auto", "bf16", "fp32"), "trainer.precision", "must be auto, bf16 or fp32")
+    need(o.lr > 0, "optim.lr", "must be > 0")
+    need(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", "must be two numbers in [0, 1)")
+    need(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+    need(d.batch_seconds > 0, "data.batch_seconds", "must be > 0")
+    need(d.num_workers >= 0, "data.num_workers", "must be >= 0")
+    need(m.features.normalize in ("none", "global"), "model.features.normalize",
+         "must be none or global (per_utterance needs the future: it is for targets only)")
+    need(m.features.n_mels == m.encoder.feat_in, "model.encoder.feat_in",
+         f"must equal model.features.n_mels ({m.features.n_mels})")
+    need(0 < m.masking.target_threshold <= 1, "model.masking.target_threshold", "must be in (0, 1]")
+    ctx = OmegaConf.to_container(m.encoder.att_context_size)
+    pairs = ctx if ctx and isinstance(ctx[0], list) else [ctx]
+    need(all(isinstance(p, list) and len(p) == 2 and all(isinstance(v, int) for v in p) for p in pairs),
+         "model.encoder.att_context_size", f"must be [left, right] or a list of them, got {ctx}")
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def as_list(value) -> list:
+    """A config value that may be a scalar or a list, as a Python list."""
+    if value is None:
+        return []
+    if isinstance(value, (ListConfig, list, tuple)):
+        return list(value)
+    return [value]

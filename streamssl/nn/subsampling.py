@@ -1,0 +1,130 @@
+"""Causal depthwise-striding subsampling (FastConformer style), full-sequence and streaming.
+
+Stages, each halving time and frequency with a 3x3 kernel and stride 2:
+``Conv2d(1, C) → ReLU``, then ``(depthwise Conv2d(C, C, groups=C) → pointwise Conv2d(C, C, 1) → ReLU)``
+for every further factor of 2; then the (C × F') map of each frame is flattened and a Linear maps it
+to d_model.
+
+Causal in time, aligned to groups of ``factor`` frames: each stage pads one zero frame on the left
+and one on the right, so output frame t of a stage reads its input frames 2t - 1, 2t, 2t + 1. Hence:
+
+* ``ceil(T / 2)`` output frames per stage and ``T' = ceil(T / factor)`` overall (factor 8: 8x);
+* encoder frame t reads feature frames 8t - 7 ... 8t + 7: its own group [8t, 8t + 8) and the 7
+  frames before it, never a later group. It exists as soon as feature frame 8t + 7 has arrived; the
+  last, partial group of an utterance reads zeros past the end (padding is zeroed), which is what
+  a streaming step sees too, so it is emitted in the final step;
+* a streaming chunk of ``factor * c`` feature frames (starting at a multiple of ``factor``) yields
+  exactly the c encoder frames of its groups when each stage keeps its last input frame as a cache
+  (every stage then sees an even count, so the right padding is never needed while streaming).
+
+Frequency is padded by one bin on both sides (frequency is not time; no causality needed there).
+Padded time frames are zeroed before every stage so nothing in the padding reaches valid frames.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+_KERNEL, _STRIDE = 3, 2
+_CACHE = 1  # input frames of left context per stage (kernel 3 centred on 2t: 2t - 1 ... 2t + 1)
+
+
+def _ceil_div(x, d: int):
+    return -(-x // d)
+
+
+class CausalStridingSubsampling(nn.Module):
+    """Causal ``factor``x subsampling of (B, T, feat_in) features to (B, ceil(T / factor), d_model).
+
+    Args:
+        feat_in: feature bins F per frame.
+        d_model: output width.
+        factor: time (and frequency) reduction, a power of two >= 2.
+        channels: conv channels C.
+    """
+
+    def __init__(self, feat_in: int, d_model: int, factor: int = 8, channels: int = 256):
+        super().__init__()
+        if factor < 2 or factor & (factor - 1):
+            raise ValueError(f"subsampling_factor must be a power of two >= 2, got {factor}")
+        if channels < 1:
+            raise ValueError(f"subsampling_channels must be >= 1, got {channels}")
+        if feat_in < 1:
+            raise ValueError(f"feat_in must be >= 1, got {feat_in}")
+        self.feat_in, self.d_model, self.factor, self.channels = feat_in, d_model, factor, channels
+        n_stages = factor.bit_length() - 1
+        convs = [nn.Conv2d(1, channels, _KERNEL, stride=_STRIDE, padding=(0, 1))]
+        pointwise = [None]
+        for _ in range(n_stages - 1):
+            convs.append(nn.Conv2d(channels, channels, _KERNEL, stride=_STRIDE, padding=(0, 1), groups=channels))
+            pointwise.append(nn.Conv2d(channels, channels, 1))
+        self.convs = nn.ModuleList(convs)
+        self.pointwise = nn.ModuleList([nn.Identity() if p is None else p for p in pointwise])
+        f = feat_in
+        self.stage_freqs = []  # frequency bins entering each stage
+        for _ in range(n_stages):
+            self.stage_freqs.append(f)
+            f = _ceil_div(f, 2)
+        self.out = nn.Linear(channels * f, d_model)
+
+    def output_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
+        """ceil(lengths / factor), elementwise (int64 tensor in, int64 tensor out)."""
+        return _ceil_div(lengths, self.factor)
+
+    def _stage(self, s: int, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.pointwise[s](self.convs[s](x)))
+
+    def _project(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, T, Fq = x.shape
+        return self.out(x.permute(0, 2, 1, 3).reshape(B, T, C * Fq))
+
+    def forward(self, feats: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """feats (B, T, F), lengths (B,) int64 -> (B, ceil(T / factor), d_model), ceil(lengths / factor).
+
+        Padded output frames are not zeroed here (the encoder masks them); valid ones read only valid
+        frames and zeros.
+        """
+        x = feats.unsqueeze(1)  # (B, 1, T, F)
+        for s in range(len(self.convs)):
+            T = x.shape[2]
+            valid = torch.arange(T, device=x.device) < lengths.unsqueeze(1)  # (B, T)
+            x = x.masked_fill(~valid[:, None, :, None], 0.0)
+            x = self._stage(s, F.pad(x, (0, 0, _CACHE, 1)))
+            lengths = _ceil_div(lengths, 2)
+        return self._project(x), lengths
+
+    def init_cache(self, batch_size: int, device=None, dtype=None) -> list[torch.Tensor]:
+        """Zeros for each stage's last input frame: [(B, 1, 1, F), (B, C, 1, ceil(F/2)), ...]."""
+        p = self.out.weight
+        device, dtype = device or p.device, dtype or p.dtype
+        return [
+            torch.zeros(batch_size, 1 if s == 0 else self.channels, _CACHE, f, device=device, dtype=dtype)
+            for s, f in enumerate(self.stage_freqs)
+        ]
+
+    def step(
+        self, chunk: torch.Tensor, chunk_lengths: torch.Tensor, cache: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Streaming step over a chunk whose length is a multiple of ``factor``.
+
+        Args:
+            chunk: (B, factor * c, F) the next feature frames.
+            chunk_lengths: (B,) int64 valid frames in the chunk (frames after them are zeroed, as the
+                full pass zeroes padding).
+            cache: from ``init_cache`` or the previous step.
+        Returns:
+            (B, c, d_model) the encoder frames whose last input frame is in this chunk, and the new cache.
+        """
+        x = chunk.unsqueeze(1)
+        lengths = chunk_lengths
+        new_cache = []
+        for s in range(len(self.convs)):
+            T = x.shape[2]
+            valid = torch.arange(T, device=x.device) < lengths.unsqueeze(1)
+            x = torch.cat([cache[s].to(x.dtype), x.masked_fill(~valid[:, None, :, None], 0.0)], dim=2)
+            new_cache.append(x[:, :, -_CACHE:].detach())
+            x = self._stage(s, x)
+            lengths = _ceil_div(lengths, 2)
+        return self._project(x), new_cache
