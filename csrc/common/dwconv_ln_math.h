@@ -57,15 +57,15 @@ STREAMSSL_HD TapSource tap_source(int64_t t, int j, int K) {
 template <int N, int KC = 0, typename V, typename WeightFn, typename InputFn>
 STREAMSSL_HD void conv_taps(V (&acc)[N], int K, WeightFn&& w, InputFn&& x) {
   auto tap = [&](int j) {
-#if defined(__CUDACC__)
+#if defined(__CUDA_ARCH__)
 #pragma unroll
 #endif
     for (int l = 0; l < N; ++l) acc[l] += w(j, l) * x(j, l);
   };
   if constexpr (KC > 0) {
-#if defined(__CUDACC__)
+#if defined(__CUDA_ARCH__)
 #pragma unroll
-#elif defined(__GNUC__) && !defined(__clang__)
+#elif !defined(__CUDACC__) && defined(__GNUC__) && !defined(__clang__)
 #pragma GCC unroll 32
 #endif
     for (int j = 0; j < KC; ++j) tap(j);

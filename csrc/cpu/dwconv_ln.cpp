@@ -1,20 +1,22 @@
 // CPU kernels of causal_dwconv_ln (DESIGN.md, "causal_dwconv_ln"; math in common/dwconv_ln_math.h).
 //
-// Work is split into (batch, time tile) tasks. A task walks its rows in order; for each row it
-// computes the K-tap conv into an L1-resident buffer of C accumulators, takes the LayerNorm
-// statistics from that buffer (two passes), and writes the activation. Channels are the inner
-// loops, written in fixed-width blocks so that g++ vectorises them; the hot loops are compiled
-// twice (AVX2+FMA and baseline x86-64) and picked at load time, since the extension is built
-// without -march flags.
+// Work is split into (batch, time tile) tasks. A task walks its frames in blocks of 8: the K-tap
+// conv of the 8 frames goes into an L1-resident buffer of 8 x C accumulators (one vector of
+// channels at a time, the 8 frames in registers, the taps unrolled for the common K so that each
+// input and weight vector is loaded once per block), then each frame's LayerNorm statistics are
+// taken from that buffer (two passes) and its activation written. The hot loops are written with
+// g++ vector types and compiled twice, for AVX2 + FMA + F16C and for baseline x86-64, picked at
+// run time (the extension is built without -march flags).
 //
-// Reduced-precision inputs are converted once per row into a ring of the last K rows of
-// cat(cache, x) in float32. Every output row is computed by the same instructions whatever
-// the tiling or the chunking of the sequence, which makes streaming bit-identical.
+// Reduced-precision inputs are converted once per row into a ring of the last K + 7 rows of
+// cat(cache, x) in float32. A frame's result is computed by the same instructions whatever the
+// tiling, the blocking or the chunking of the sequence, which makes streaming bit-identical.
 //
 // The backward recomputes the conv output rather than storing it. A tile also computes dz for the
-// K-1 rows after it (the input gradient of a frame needs dz of the next K-1 frames). The parameter
-// gradients are accumulated per tile in the accumulation type and summed over tiles in tile order;
-// the tiling depends only on the shapes, so the result has the same bits for any thread count.
+// K-1 frames after it (the input gradient of a frame needs dz of the next K-1 frames). The
+// parameter gradients are accumulated per tile in the accumulation type and summed over tiles in
+// tile order; the tiling depends only on the shapes, so the result has the same bits for any
+// thread count.
 #include "cpu/dwconv_ln.h"
 
 #include <ATen/Dispatch.h>
@@ -513,7 +515,8 @@ void forward_impl(const Args<S, A>& a, int64_t B) {
   const int64_t min_rows = 16 + 4 * static_cast<int64_t>(K - 1);
   int64_t per_seq = (4 * threads + B - 1) / B;
   per_seq = std::max<int64_t>(1, std::min(per_seq, (T + min_rows - 1) / min_rows));
-  Tiling tiling{(T + per_seq - 1) / per_seq, 0};
+  // Whole blocks of kRowBlock frames (a tile's last frames go one at a time).
+  Tiling tiling{((T + per_seq - 1) / per_seq + kRowBlock - 1) / kRowBlock * kRowBlock, 0};
   tiling.per_seq = (T + tiling.rows - 1) / tiling.rows;
   const int64_t tasks = B * tiling.per_seq;
   const int64_t work_per_task = tiling.rows * C * (K + 8);
@@ -558,8 +561,7 @@ void write_new_cache(const Args<S, A>& a, int64_t b) {
 // ---------------------------------------------------------------------------------------------
 
 // Partial gradients of one tile, rows of C: dw taps 0..K-1, dbias, dgamma, dbeta.
-template <typename A>
-int64_t partial_size(int64_t C, int K) {
+inline int64_t partial_size(int64_t C, int K) {
   return (static_cast<int64_t>(K) + 3) * C;
 }
 
@@ -731,7 +733,7 @@ STREAMSSL_CPU_INLINE void backward_rows(const Args<S, A>& a, int64_t b, int64_t 
 template <typename S, typename A, bool kSwish>
 STREAMSSL_CPU_INLINE void backward_tasks_body(const Args<S, A>& a, Tiling tiling, int64_t task0,
                                               int64_t task1, A* partials, Scratch<A>& scratch) {
-  const int64_t P = partial_size<A>(a.C, a.K);
+  const int64_t P = partial_size(a.C, a.K);
   for (int64_t task = task0; task < task1; ++task) {
     const int64_t b = task / tiling.per_seq;
     const int64_t t0 = (task % tiling.per_seq) * tiling.rows;
@@ -767,7 +769,8 @@ void backward_tasks(const Args<S, A>& a, Tiling tiling, int64_t task0, int64_t t
 // them (the partials stay small).
 Tiling backward_tiling(int64_t B, int64_t T, int K) {
   const int64_t min_rows = std::max<int64_t>(128, 16 * static_cast<int64_t>(K - 1));
-  const int64_t rows = std::max<int64_t>({min_rows, (B * T + 255) / 256, 1});
+  const int64_t rows =
+      (std::max<int64_t>({min_rows, (B * T + 255) / 256, 1}) + kRowBlock - 1) / kRowBlock * kRowBlock;
   Tiling t{std::min(rows, std::max<int64_t>(T, 1)), 0};
   t.per_seq = (T + t.rows - 1) / t.rows;
   return t;
@@ -794,7 +797,7 @@ void backward_impl(const Args<S, A>& a, int64_t B, at::Tensor& grad_weight, at::
   const int K = a.K;
   const Tiling tiling = backward_tiling(B, T, K);
   const int64_t tasks = B * tiling.per_seq;
-  const int64_t P = partial_size<A>(C, K);
+  const int64_t P = partial_size(C, K);
   std::vector<A> partials(static_cast<size_t>(std::max<int64_t>(tasks, 1) * P), A(0));
   const int64_t work_per_task = (tiling.rows + K - 1) * C * (3 * K + 16);
   const int64_t grain = std::max<int64_t>(1, kSerialWork / std::max<int64_t>(1, work_per_task));

@@ -31,6 +31,13 @@
 #include "common/dwconv_ln_math.h"
 #include "cuda/dwconv_ln_launch.h"
 
+// Unroll hints for nvcc's device pass only (g++ compiles this file for the emulator).
+#if defined(__CUDA_ARCH__)
+#define STREAMSSL_DWCONV_UNROLL _Pragma("unroll")
+#else
+#define STREAMSSL_DWCONV_UNROLL
+#endif
+
 namespace streamssl {
 namespace cuda {
 namespace dwconv_ln_kernels {
@@ -219,22 +226,22 @@ template <typename S, typename A, int VEC>
 STREAMSSL_DEVICE void load_vec(const S* STREAMSSL_RESTRICT row, int64_t c0, int64_t C, bool vec_ok,
                                A (&out)[VEC]) {
   if (row == nullptr) {
-#pragma unroll
+STREAMSSL_DWCONV_UNROLL
     for (int l = 0; l < VEC; ++l) out[l] = A(0);
     return;
   }
   if (vec_ok) {
     static_assert(sizeof(S) * VEC % 16 == 0, "whole 16-byte vectors");
     S e[VEC];
-#pragma unroll
+STREAMSSL_DWCONV_UNROLL
     for (int q = 0; q < static_cast<int>(sizeof(S) * VEC / 16); ++q) {
       const uint4 raw = reinterpret_cast<const uint4*>(row + c0)[q];
       memcpy(reinterpret_cast<char*>(e) + 16 * q, &raw, 16);
     }
-#pragma unroll
+STREAMSSL_DWCONV_UNROLL
     for (int l = 0; l < VEC; ++l) out[l] = static_cast<A>(to_acc(e[l]));
   } else {
-#pragma unroll
+STREAMSSL_DWCONV_UNROLL
     for (int l = 0; l < VEC; ++l) out[l] = c0 + l < C ? static_cast<A>(to_acc(row[c0 + l])) : A(0);
   }
 }
@@ -244,16 +251,16 @@ STREAMSSL_DEVICE void store_vec(S* STREAMSSL_RESTRICT row, int64_t c0, int64_t C
                                 const A (&v)[VEC]) {
   if (vec_ok) {
     S e[VEC];
-#pragma unroll
+STREAMSSL_DWCONV_UNROLL
     for (int l = 0; l < VEC; ++l) e[l] = from_acc<S>(v[l]);
-#pragma unroll
+STREAMSSL_DWCONV_UNROLL
     for (int q = 0; q < static_cast<int>(sizeof(S) * VEC / 16); ++q) {
       uint4 raw;
       memcpy(&raw, reinterpret_cast<const char*>(e) + 16 * q, 16);
       reinterpret_cast<uint4*>(row + c0)[q] = raw;
     }
   } else {
-#pragma unroll
+STREAMSSL_DWCONV_UNROLL
     for (int l = 0; l < VEC; ++l) {
       if (c0 + l < C) row[c0 + l] = from_acc<S>(v[l]);
     }
@@ -276,19 +283,19 @@ STREAMSSL_DEVICE const S* xp_row(const S* x, const S* cache, int64_t b, int64_t 
 // ---------------------------------------------------------------------------------------------
 template <typename A, int NV>
 STREAMSSL_DEVICE void group_sum(A (&v)[NV], int group_warps, A* red /* 32 * NV */) {
-#pragma unroll
+STREAMSSL_DWCONV_UNROLL
   for (int o = 16; o >= 1; o /= 2) {
-#pragma unroll
+STREAMSSL_DWCONV_UNROLL
     for (int i = 0; i < NV; ++i) v[i] += __shfl_xor_sync(0xffffffffu, v[i], o);
   }
   if (group_warps > 1) {  // then the block is one group
     const int warp = threadIdx.x / 32;
     if (threadIdx.x % 32 == 0) {
-#pragma unroll
+STREAMSSL_DWCONV_UNROLL
       for (int i = 0; i < NV; ++i) red[warp * NV + i] = v[i];
     }
     __syncthreads();
-#pragma unroll
+STREAMSSL_DWCONV_UNROLL
     for (int i = 0; i < NV; ++i) {
       A s = red[i];
       for (int w = 1; w < group_warps; ++w) s += red[w * NV + i];
@@ -412,24 +419,24 @@ __global__ void forward_kernel(const FwdArgs<S, A> p) {
     const int64_t b = row / p.T, t = row % p.T;
     A z[NCH][VEC];
     A sum[1] = {A(0)};
-#pragma unroll
+STREAMSSL_DWCONV_UNROLL
     for (int i = 0; i < NCH; ++i) {
       const int64_t c0 = (static_cast<int64_t>(i) * G + gl) * VEC;
-#pragma unroll
+STREAMSSL_DWCONV_UNROLL
       for (int l = 0; l < VEC; ++l) z[i][l] = A(0);
       if (c0 < C) {
         conv_vec<S, A, VEC>(p.x, p.cache, wT, bias, b, t, p.T, C, p.K, c0, p.vec_ok, z[i]);
-#pragma unroll
+STREAMSSL_DWCONV_UNROLL
         for (int l = 0; l < VEC; ++l) sum[0] += z[i][l];  // zero past C
       }
     }
     group_sum(sum, p.group_warps, red);
     const A mean = m::ln_mean(sum[0], C);
     A dev[1] = {A(0)};
-#pragma unroll
+STREAMSSL_DWCONV_UNROLL
     for (int i = 0; i < NCH; ++i) {
       const int64_t c0 = (static_cast<int64_t>(i) * G + gl) * VEC;
-#pragma unroll
+STREAMSSL_DWCONV_UNROLL
       for (int l = 0; l < VEC; ++l) {
         if (c0 + l < C) {
           const A d = z[i][l] - mean;
@@ -440,14 +447,14 @@ __global__ void forward_kernel(const FwdArgs<S, A> p) {
     group_sum(dev, p.group_warps, red);
     const A rstd = m::ln_rstd(dev[0], C, p.eps);
     S* y = p.y + row * C;
-#pragma unroll
+STREAMSSL_DWCONV_UNROLL
     for (int i = 0; i < NCH; ++i) {
       const int64_t c0 = (static_cast<int64_t>(i) * G + gl) * VEC;
       if (c0 >= C) continue;
       A g[VEC], be[VEC], out[VEC];
       load_vec<A, A, VEC>(gamma, c0, C, p.vec_ok, g);
       load_vec<A, A, VEC>(beta, c0, C, p.vec_ok, be);
-#pragma unroll
+STREAMSSL_DWCONV_UNROLL
       for (int l = 0; l < VEC; ++l) out[l] = m::ln_act(m::ln_xhat(z[i][l], mean, rstd), g[l], be[l], p.swish);
       store_vec<S, A, VEC>(y, c0, C, p.vec_ok, out);
     }
@@ -498,9 +505,9 @@ __global__ void backward_row_kernel(const BwdArgs<S, A> p) {
   const A* gamma = bias + C;
   const A* beta = gamma + C;
   A dgamma[NCH][VEC], dbeta[NCH][VEC];
-#pragma unroll
+STREAMSSL_DWCONV_UNROLL
   for (int i = 0; i < NCH; ++i) {
-#pragma unroll
+STREAMSSL_DWCONV_UNROLL
     for (int l = 0; l < VEC; ++l) dgamma[i][l] = dbeta[i][l] = A(0);
   }
   const int64_t row0 = (static_cast<int64_t>(blockIdx.x) * p.groups_per_block + group) * p.rows_per_group;
@@ -511,10 +518,10 @@ __global__ void backward_row_kernel(const BwdArgs<S, A> p) {
     const A mean = p.mean[row], rstd = p.rstd[row];
     A xh[NCH][VEC], g[NCH][VEC];
     A sums[2] = {A(0), A(0)};  // sum g, sum g * xhat
-#pragma unroll
+STREAMSSL_DWCONV_UNROLL
     for (int i = 0; i < NCH; ++i) {
       const int64_t c0 = (static_cast<int64_t>(i) * G + gl) * VEC;
-#pragma unroll
+STREAMSSL_DWCONV_UNROLL
       for (int l = 0; l < VEC; ++l) xh[i][l] = g[i][l] = A(0);
       if (c0 >= C) continue;
       A z[VEC], dyv[VEC], ga[VEC], be[VEC];
@@ -522,7 +529,7 @@ __global__ void backward_row_kernel(const BwdArgs<S, A> p) {
       load_vec<S, A, VEC>(p.dy + row * C, c0, C, p.vec_ok, dyv);
       load_vec<A, A, VEC>(gamma, c0, C, p.vec_ok, ga);
       load_vec<A, A, VEC>(beta, c0, C, p.vec_ok, be);
-#pragma unroll
+STREAMSSL_DWCONV_UNROLL
       for (int l = 0; l < VEC; ++l) {
         if (c0 + l >= C) continue;
         const A x_hat = m::ln_xhat(z[l], mean, rstd);
@@ -537,12 +544,12 @@ __global__ void backward_row_kernel(const BwdArgs<S, A> p) {
     }
     group_sum(sums, p.group_warps, red);
     const A mean_g = m::ln_mean(sums[0], C), mean_gx = m::ln_mean(sums[1], C);
-#pragma unroll
+STREAMSSL_DWCONV_UNROLL
     for (int i = 0; i < NCH; ++i) {
       const int64_t c0 = (static_cast<int64_t>(i) * G + gl) * VEC;
       if (c0 >= C) continue;
       A dz[VEC];
-#pragma unroll
+STREAMSSL_DWCONV_UNROLL
       for (int l = 0; l < VEC; ++l) dz[l] = m::ln_input_grad(g[i][l], xh[i][l], mean_g, mean_gx, rstd);
       store_vec<A, A, VEC>(p.dz + row * C, c0, C, p.vec_ok, dz);
     }
@@ -550,9 +557,9 @@ __global__ void backward_row_kernel(const BwdArgs<S, A> p) {
   // dgamma/dbeta of the block: group 0 adds the other groups' partials, in group order.
   for (int other = 1; other < p.groups_per_block; ++other) {
     if (group == other) {
-#pragma unroll
+STREAMSSL_DWCONV_UNROLL
       for (int i = 0; i < NCH; ++i) {
-#pragma unroll
+STREAMSSL_DWCONV_UNROLL
         for (int l = 0; l < VEC; ++l) {
           const int64_t c = (static_cast<int64_t>(i) * G + gl) * VEC + l;
           if (c < C) {
@@ -564,9 +571,9 @@ __global__ void backward_row_kernel(const BwdArgs<S, A> p) {
     }
     __syncthreads();
     if (group == 0) {
-#pragma unroll
+STREAMSSL_DWCONV_UNROLL
       for (int i = 0; i < NCH; ++i) {
-#pragma unroll
+STREAMSSL_DWCONV_UNROLL
         for (int l = 0; l < VEC; ++l) {
           const int64_t c = (static_cast<int64_t>(i) * G + gl) * VEC + l;
           if (c < C) {
@@ -580,9 +587,9 @@ __global__ void backward_row_kernel(const BwdArgs<S, A> p) {
   }
   if (group == 0) {
     A* part = p.part_ln + static_cast<int64_t>(blockIdx.x) * 2 * C;
-#pragma unroll
+STREAMSSL_DWCONV_UNROLL
     for (int i = 0; i < NCH; ++i) {
-#pragma unroll
+STREAMSSL_DWCONV_UNROLL
       for (int l = 0; l < VEC; ++l) {
         const int64_t c = (static_cast<int64_t>(i) * G + gl) * VEC + l;
         if (c < C) {
@@ -614,13 +621,13 @@ __global__ void backward_col_kernel(const BwdArgs<S, A> p) {
   // dweight[c, j] += dz[t] * xp[t + j] and dbias += dz[t], frames in order.
   for (int jb = 0; jb < K; jb += kTapBlock) {
     A acc[kTapBlock];
-#pragma unroll
+STREAMSSL_DWCONV_UNROLL
     for (int q = 0; q < kTapBlock; ++q) acc[q] = A(0);
     A dbias = A(0);
     for (int64_t t = t0; t < t1; ++t) {
       const A d = dz[t * C];
       dbias += d;
-#pragma unroll
+STREAMSSL_DWCONV_UNROLL
       for (int q = 0; q < kTapBlock; ++q) {
         const int j = jb + q;
         if (j < K) {
@@ -629,7 +636,7 @@ __global__ void backward_col_kernel(const BwdArgs<S, A> p) {
         }
       }
     }
-#pragma unroll
+STREAMSSL_DWCONV_UNROLL
     for (int q = 0; q < kTapBlock; ++q) {
       if (jb + q < K) part[static_cast<int64_t>(jb + q) * C] = acc[q];
     }
@@ -683,7 +690,7 @@ __global__ void backward_reduce_kernel(const ReduceArgs<A> p) {
   A s[4] = {A(0), A(0), A(0), A(0)};
   int64_t i = 0;
   for (; i + 4 <= n; i += 4) {
-#pragma unroll
+STREAMSSL_DWCONV_UNROLL
     for (int q = 0; q < 4; ++q) s[q] += src[(i + q) * stride];
   }
   for (int q = 0; i < n; ++i, ++q) s[q] += src[i * stride];
