@@ -392,3 +392,41 @@ def test_cuda_streaming_and_determinism(dtype):
     r1 = OP_BWD(gy, x, w, b, lw, lb, None, mean, rstd, True)
     r2 = OP_BWD(gy, x, w, b, lw, lb, None, mean, rstd, True)
     assert all(torch.equal(a, e) for a, e in zip(r1, r2))
+
+
+# ---------------------------------------------------------------------------------------------
+# The baseline (non-AVX2) variant of the CPU loops, which this machine would otherwise never run.
+# ---------------------------------------------------------------------------------------------
+
+_BASELINE_SCRIPT = r"""
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+import test_dwconv_ln as t
+from streamssl.ops.dwconv_ln import causal_dwconv_ln
+for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    for B, T, C, K in ((2, 40, 37, 9), (1, 300, 64, 3), (2, 20, 24, 31)):
+        x, w, b, lw, lb, c = t.make_inputs(B, T, C, K, dtype, seed=T)
+        gy = torch.randn(B, T, C, generator=torch.Generator().manual_seed(T)).to(dtype)
+        t.assert_close_to_reference(t.run_kernel(x, w, b, lw, lb, c, gy), t.run_reference(x, w, b, lw, lb, c, gy),
+                                    dtype, B, T, C, K)
+    y, cache = causal_dwconv_ln(x, w, b, lw, lb, None)
+    parts, cc = [], None
+    for s in range(0, 20, 3):
+        yy, cc = causal_dwconv_ln(x[:, s:s + 3], w, b, lw, lb, cc)
+        parts.append(yy)
+    assert torch.equal(torch.cat(parts, 1), y) and torch.equal(cc, cache)
+print("baseline ok")
+"""
+
+
+def test_baseline_cpu_variant_matches_reference():
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    env = dict(os.environ, STREAMSSL_CPU_BASELINE="1")
+    tests_dir = str(pathlib.Path(__file__).resolve().parent)
+    proc = subprocess.run([sys.executable, "-c", _BASELINE_SCRIPT, tests_dir], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0 and "baseline ok" in proc.stdout, proc.stdout + proc.stderr

@@ -23,6 +23,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <type_traits>
@@ -474,10 +475,15 @@ STREAMSSL_CPU_INLINE void forward_tasks_body(const Args<S, A>& a, Tiling tiling,
   }
 }
 
+// STREAMSSL_CPU_BASELINE=1 forces the baseline variant (tests run it on AVX2 machines too).
 bool cpu_has_avx2() {
 #if STREAMSSL_CPU_AVX2
-  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                          __builtin_cpu_supports("f16c");
+  static const bool yes = [] {
+    const char* force = std::getenv("STREAMSSL_CPU_BASELINE");
+    if (force != nullptr && force[0] != '\0' && std::strcmp(force, "0") != 0) return false;
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+           __builtin_cpu_supports("f16c");
+  }();
   return yes;
 #else
   return false;
