@@ -1,7 +1,9 @@
 """causal_dwconv_ln: cached causal depthwise conv + LayerNorm + Swish (DESIGN.md).
 
-The public function checks its arguments and calls ``torch.ops.streamssl.causal_dwconv_ln`` (C++ and
-CUDA kernels), or the pure-PyTorch reference when the extension does not serve the device.
+The public function calls ``torch.ops.streamssl.causal_dwconv_ln`` (C++ and CUDA kernels), or the
+pure-PyTorch reference when the extension does not serve the device. Either way bad arguments
+raise ValueError naming the argument: the op checks them in C++ (csrc/ops.cpp) and in its fake
+kernel, the reference path with ``_check_args`` below.
 
 Op schemas (csrc/ops.cpp)::
 
