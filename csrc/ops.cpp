@@ -12,12 +12,14 @@
 
 #include "common/block_mask_rule.h"
 #include "cpu/block_mask.h"
+#include "cpu/dwconv_ln.h"
 
 #ifdef STREAMSSL_WITH_CUDA
 #include <c10/core/DeviceGuard.h>
 #include <c10/core/impl/DeviceGuardImplInterface.h>
 
 #include "cuda/block_mask_launch.h"
+#include "cuda/dwconv_ln_launch.h"
 #endif
 
 namespace streamssl {
@@ -162,6 +164,241 @@ std::tuple<at::Tensor, at::Tensor> causal_block_mask_cuda(
 }
 #endif
 
+// ---------------------------------------------------------------------------------------------
+// causal_dwconv_ln
+// ---------------------------------------------------------------------------------------------
+
+// Bad arguments raise ValueError (TORCH_CHECK_VALUE), like the Python-side checks in
+// streamssl/ops/dwconv_ln.py.
+
+// Accumulation dtype: float64 for float64 x, float32 otherwise.
+at::ScalarType dwconv_ln_acc_dtype(at::ScalarType x) {
+  return x == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// A parameter is read in the accumulation type; it may be in x's dtype, or in float32 when x is
+// float16/bfloat16 (float32 master weights under autocast).
+void check_dwconv_ln_param(const char* op, const at::Tensor& t, const char* name,
+                           const at::Tensor& x, at::IntArrayRef shape) {
+  TORCH_CHECK_VALUE(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but x is on ",
+              x.device());
+  TORCH_CHECK_VALUE(t.sizes() == shape, op, ": ", name, " must have shape ", shape, ", got ", t.sizes());
+  const bool ok = t.scalar_type() == x.scalar_type() ||
+                  (t.scalar_type() == at::kFloat &&
+                   (x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16));
+  TORCH_CHECK_VALUE(ok, op, ": ", name, " must have x's dtype ", x.scalar_type(),
+              (x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16) ? " or float32"
+                                                                                  : "",
+              ", got ", t.scalar_type());
+}
+
+void check_dwconv_ln_args(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                          const std::optional<at::Tensor>& bias, const at::Tensor& ln_weight,
+                          const at::Tensor& ln_bias, const std::optional<at::Tensor>& cache) {
+  TORCH_CHECK_VALUE(x.dim() == 3, op, ": x must be (B, T, C), got ", x.dim(), " dimensions");
+  TORCH_CHECK_VALUE(is_supported_float(x.scalar_type()),
+              op, ": x must be float32, float16, bfloat16 or float64, got ", x.scalar_type());
+  const int64_t B = x.size(0), C = x.size(2);
+  TORCH_CHECK_VALUE(C >= 1, op, ": x must have at least one channel, got shape ", x.sizes());
+  TORCH_CHECK_VALUE(weight.dim() == 2, op, ": weight must be (C, K), got ", weight.dim(), " dimensions");
+  TORCH_CHECK_VALUE(weight.size(0) == C, op, ": weight must have shape (C, K) with C = ", C,
+              " (x's channels), got ", weight.sizes());
+  const int64_t K = weight.size(1);
+  TORCH_CHECK_VALUE(K >= 1, op, ": weight must have K >= 1 taps, got shape ", weight.sizes());
+  TORCH_CHECK_VALUE(K <= 1024, op, ": weight has K = ", K, " taps; at most 1024 are supported");
+  check_dwconv_ln_param(op, weight, "weight", x, {C, K});
+  if (bias.has_value()) check_dwconv_ln_param(op, *bias, "bias", x, {C});
+  check_dwconv_ln_param(op, ln_weight, "ln_weight", x, {C});
+  check_dwconv_ln_param(op, ln_bias, "ln_bias", x, {C});
+  if (cache.has_value()) {
+    const at::Tensor& c = *cache;
+    TORCH_CHECK_VALUE(c.device() == x.device(), op, ": cache is on ", c.device(), " but x is on ",
+                x.device());
+    TORCH_CHECK_VALUE(c.dim() == 3 && c.size(0) == B && c.size(1) == K - 1 && c.size(2) == C, op,
+                ": cache must have shape (B, K-1, C) = (", B, ", ", K - 1, ", ", C, "), got ",
+                c.sizes());
+    TORCH_CHECK_VALUE(c.scalar_type() == x.scalar_type(), op, ": cache must have x's dtype ",
+                x.scalar_type(), ", got ", c.scalar_type());
+  }
+}
+
+std::optional<at::Tensor> contiguous_opt(const std::optional<at::Tensor>& t) {
+  if (!t.has_value()) return std::nullopt;
+  return t->contiguous();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dwconv_ln_forward_outputs(
+    const at::Tensor& x, int64_t K) {
+  const int64_t B = x.size(0), T = x.size(1), C = x.size(2);
+  const auto acc = x.options().dtype(dwconv_ln_acc_dtype(x.scalar_type()));
+  return {at::empty({B, T, C}, x.options()), at::empty({B, K - 1, C}, x.options()),
+          at::empty({B, T}, acc), at::empty({B, T}, acc)};
+}
+
+void check_dwconv_ln_eps(double eps) {
+  TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0.0, "causal_dwconv_ln: eps must be finite and >= 0, got ",
+              eps);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> causal_dwconv_ln_cpu(
+    const at::Tensor& x_in, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& ln_weight, const at::Tensor& ln_bias,
+    const std::optional<at::Tensor>& cache_in, double eps, bool swish) {
+  check_dwconv_ln_args("causal_dwconv_ln", x_in, weight, bias, ln_weight, ln_bias, cache_in);
+  check_dwconv_ln_eps(eps);
+  const at::Tensor x = x_in.contiguous();
+  const std::optional<at::Tensor> cache = contiguous_opt(cache_in);
+  auto [y, new_cache, mean, rstd] = dwconv_ln_forward_outputs(x, weight.size(1));
+  cpu::causal_dwconv_ln_forward(x, weight, bias, ln_weight, ln_bias, cache, eps, swish, y,
+                                new_cache, mean, rstd);
+  return {y, new_cache, mean, rstd};
+}
+
+void check_dwconv_ln_backward_args(const at::Tensor& grad_y, const at::Tensor& x,
+                                   const at::Tensor& mean, const at::Tensor& rstd) {
+  const char* op = "causal_dwconv_ln_backward";
+  TORCH_CHECK_VALUE(grad_y.device() == x.device(), op, ": grad_y is on ", grad_y.device(),
+              " but x is on ", x.device());
+  TORCH_CHECK_VALUE(grad_y.sizes() == x.sizes(), op, ": grad_y must have x's shape ", x.sizes(),
+              ", got ", grad_y.sizes());
+  TORCH_CHECK_VALUE(grad_y.scalar_type() == x.scalar_type(), op, ": grad_y must have x's dtype ",
+              x.scalar_type(), ", got ", grad_y.scalar_type());
+  const at::ScalarType acc = dwconv_ln_acc_dtype(x.scalar_type());
+  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{mean, "mean"},
+                                std::pair<const at::Tensor&, const char*>{rstd, "rstd"}}) {
+    TORCH_CHECK_VALUE(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but x is on ",
+                x.device());
+    TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == x.size(0) && t.size(1) == x.size(1), op, ": ", name,
+                " must have shape (B, T) = (", x.size(0), ", ", x.size(1), "), got ", t.sizes());
+    TORCH_CHECK_VALUE(t.scalar_type() == acc, op, ": ", name, " must be ", acc, ", got ",
+                t.scalar_type());
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dwconv_ln_backward_outputs(
+    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& ln_weight, const at::Tensor& ln_bias) {
+  const at::ScalarType bias_dtype = bias.has_value() ? bias->scalar_type() : weight.scalar_type();
+  return {at::empty(x.sizes(), x.options()),
+          at::empty(weight.sizes(), weight.options().memory_format(at::MemoryFormat::Contiguous)),
+          at::empty({weight.size(0)}, weight.options().dtype(bias_dtype)),
+          at::empty(ln_weight.sizes(), ln_weight.options()),
+          at::empty(ln_bias.sizes(), ln_bias.options())};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> causal_dwconv_ln_backward_cpu(
+    const at::Tensor& grad_y_in, const at::Tensor& x_in, const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias, const at::Tensor& ln_weight, const at::Tensor& ln_bias,
+    const std::optional<at::Tensor>& cache_in, const at::Tensor& mean_in,
+    const at::Tensor& rstd_in, bool swish) {
+  check_dwconv_ln_args("causal_dwconv_ln_backward", x_in, weight, bias, ln_weight, ln_bias,
+                       cache_in);
+  check_dwconv_ln_backward_args(grad_y_in, x_in, mean_in, rstd_in);
+  const at::Tensor x = x_in.contiguous(), grad_y = grad_y_in.contiguous();
+  const at::Tensor mean = mean_in.contiguous(), rstd = rstd_in.contiguous();
+  const std::optional<at::Tensor> cache = contiguous_opt(cache_in);
+  auto [gx, gw, gb, gg, gbeta] = dwconv_ln_backward_outputs(x, weight, bias, ln_weight, ln_bias);
+  cpu::causal_dwconv_ln_backward(grad_y, x, weight, bias, ln_weight, ln_bias, cache, mean, rstd,
+                                 swish, gx, gw, gb, gg, gbeta);
+  return {gx, gw, gb, gg, gbeta};
+}
+
+#ifdef STREAMSSL_WITH_CUDA
+cuda::DwconvLnDtype dwconv_ln_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kHalf:
+      return cuda::DwconvLnDtype::kFloat16;
+    case at::kBFloat16:
+      return cuda::DwconvLnDtype::kBFloat16;
+    case at::kDouble:
+      return cuda::DwconvLnDtype::kFloat64;
+    default:
+      return cuda::DwconvLnDtype::kFloat32;
+  }
+}
+
+cuda::DwconvLnProblem dwconv_ln_problem(const char* op, const at::Tensor& x,
+                                        const at::Tensor& weight,
+                                        const std::optional<at::Tensor>& bias,
+                                        const at::Tensor& ln_weight, const at::Tensor& ln_bias) {
+  cuda::DwconvLnProblem p;
+  p.B = x.size(0);
+  p.T = x.size(1);
+  p.C = x.size(2);
+  p.K = static_cast<int>(weight.size(1));
+  p.x_dtype = dwconv_ln_dtype(x.scalar_type());
+  p.weight_dtype = dwconv_ln_dtype(weight.scalar_type());
+  p.bias_dtype = dwconv_ln_dtype(bias.has_value() ? bias->scalar_type() : weight.scalar_type());
+  p.ln_weight_dtype = dwconv_ln_dtype(ln_weight.scalar_type());
+  p.ln_bias_dtype = dwconv_ln_dtype(ln_bias.scalar_type());
+  const int64_t max_c = cuda::dwconv_ln_max_channels(p.x_dtype);
+  TORCH_CHECK_VALUE(p.C <= max_c, op, ": x has C = ", p.C, " channels; the CUDA kernels take at most ",
+              max_c, " for ", x.scalar_type());
+  TORCH_CHECK_VALUE(p.B * p.T < (int64_t{1} << 31), op, ": x has B * T = ", p.B * p.T,
+              " rows; the CUDA kernels take fewer than 2^31");
+  return p;
+}
+
+at::Tensor dwconv_ln_workspace(const at::Tensor& x, size_t bytes) {
+  return at::empty({static_cast<int64_t>(std::max<size_t>(bytes, 16))},
+                   x.options().dtype(at::kByte));
+}
+
+const void* opt_ptr(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->data_ptr() : nullptr;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> causal_dwconv_ln_cuda(
+    const at::Tensor& x_in, const at::Tensor& weight_in, const std::optional<at::Tensor>& bias_in,
+    const at::Tensor& ln_weight_in, const at::Tensor& ln_bias_in,
+    const std::optional<at::Tensor>& cache_in, double eps, bool swish) {
+  const char* op = "causal_dwconv_ln";
+  check_dwconv_ln_args(op, x_in, weight_in, bias_in, ln_weight_in, ln_bias_in, cache_in);
+  check_dwconv_ln_eps(eps);
+  const c10::DeviceGuard guard(x_in.device());
+  const at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous();
+  const at::Tensor ln_weight = ln_weight_in.contiguous(), ln_bias = ln_bias_in.contiguous();
+  const std::optional<at::Tensor> bias = contiguous_opt(bias_in), cache = contiguous_opt(cache_in);
+  const cuda::DwconvLnProblem p = dwconv_ln_problem(op, x, weight, bias, ln_weight, ln_bias);
+  auto [y, new_cache, mean, rstd] = dwconv_ln_forward_outputs(x, p.K);
+  at::Tensor ws = dwconv_ln_workspace(x, cuda::dwconv_ln_forward_workspace_bytes(p));
+  const char* err = cuda::launch_causal_dwconv_ln_forward(
+      p, x.data_ptr(), weight.data_ptr(), opt_ptr(bias), ln_weight.data_ptr(), ln_bias.data_ptr(),
+      opt_ptr(cache), eps, swish, y.data_ptr(), new_cache.data_ptr(), mean.data_ptr(),
+      rstd.data_ptr(), ws.data_ptr(), current_cuda_stream(x.device()));
+  TORCH_CHECK(err == nullptr, op, ": CUDA kernel launch failed: ", err);
+  return {y, new_cache, mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+causal_dwconv_ln_backward_cuda(const at::Tensor& grad_y_in, const at::Tensor& x_in,
+                               const at::Tensor& weight_in,
+                               const std::optional<at::Tensor>& bias_in,
+                               const at::Tensor& ln_weight_in, const at::Tensor& ln_bias_in,
+                               const std::optional<at::Tensor>& cache_in,
+                               const at::Tensor& mean_in, const at::Tensor& rstd_in, bool swish) {
+  const char* op = "causal_dwconv_ln_backward";
+  check_dwconv_ln_args(op, x_in, weight_in, bias_in, ln_weight_in, ln_bias_in, cache_in);
+  check_dwconv_ln_backward_args(grad_y_in, x_in, mean_in, rstd_in);
+  const c10::DeviceGuard guard(x_in.device());
+  const at::Tensor x = x_in.contiguous(), grad_y = grad_y_in.contiguous();
+  const at::Tensor weight = weight_in.contiguous(), ln_weight = ln_weight_in.contiguous();
+  const at::Tensor ln_bias = ln_bias_in.contiguous();
+  const at::Tensor mean = mean_in.contiguous(), rstd = rstd_in.contiguous();
+  const std::optional<at::Tensor> bias = contiguous_opt(bias_in), cache = contiguous_opt(cache_in);
+  const cuda::DwconvLnProblem p = dwconv_ln_problem(op, x, weight, bias, ln_weight, ln_bias);
+  auto [gx, gw, gb, gg, gbeta] = dwconv_ln_backward_outputs(x, weight, bias, ln_weight, ln_bias);
+  at::Tensor ws = dwconv_ln_workspace(x, cuda::dwconv_ln_backward_workspace_bytes(p));
+  const char* err = cuda::launch_causal_dwconv_ln_backward(
+      p, grad_y.data_ptr(), x.data_ptr(), weight.data_ptr(), opt_ptr(bias), ln_weight.data_ptr(),
+      ln_bias.data_ptr(), opt_ptr(cache), mean.data_ptr(), rstd.data_ptr(), swish, gx.data_ptr(),
+      gw.data_ptr(), gb.data_ptr(), gg.data_ptr(), gbeta.data_ptr(), ws.data_ptr(),
+      current_cuda_stream(x.device()));
+  TORCH_CHECK(err == nullptr, op, ": CUDA kernel launch failed: ", err);
+  return {gx, gw, gb, gg, gbeta};
+}
+#endif
+
 }  // namespace
 }  // namespace streamssl
 
@@ -171,15 +408,28 @@ TORCH_LIBRARY(streamssl, m) {
       "causal_block_mask(Tensor feats, Tensor lengths, Tensor mask_embedding, int seed, int offset, "
       "float mask_prob, int block_size, int min_start, int left_context, float max_mask_ratio, "
       "int align) -> (Tensor, Tensor)");
+  m.def(
+      "causal_dwconv_ln(Tensor x, Tensor weight, Tensor? bias, Tensor ln_weight, Tensor ln_bias, "
+      "Tensor? cache, float eps, bool swish) -> (Tensor y, Tensor new_cache, Tensor mean, "
+      "Tensor rstd)");
+  m.def(
+      "causal_dwconv_ln_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor? bias, "
+      "Tensor ln_weight, Tensor ln_bias, Tensor? cache, Tensor mean, Tensor rstd, bool swish) -> "
+      "(Tensor grad_x, Tensor grad_weight, Tensor grad_bias, Tensor grad_ln_weight, "
+      "Tensor grad_ln_bias)");
 }
 
 TORCH_LIBRARY_IMPL(streamssl, CPU, m) {
   m.impl("causal_block_mask", &streamssl::causal_block_mask_cpu);
+  m.impl("causal_dwconv_ln", &streamssl::causal_dwconv_ln_cpu);
+  m.impl("causal_dwconv_ln_backward", &streamssl::causal_dwconv_ln_backward_cpu);
 }
 
 #ifdef STREAMSSL_WITH_CUDA
 // One line per op with a CUDA kernel.
 TORCH_LIBRARY_IMPL(streamssl, CUDA, m) {
   m.impl("causal_block_mask", &streamssl::causal_block_mask_cuda);
+  m.impl("causal_dwconv_ln", &streamssl::causal_dwconv_ln_cuda);
+  m.impl("causal_dwconv_ln_backward", &streamssl::causal_dwconv_ln_backward_cuda);
 }
 #endif

@@ -37,9 +37,10 @@ def backend() -> str:
                 warnings.warn(f"streamssl: {what}: {reason}", RuntimeWarning, stacklevel=2)
             if name != "reference":
                 # Fake kernels and autograd formulas attach to ops the library defines.
-                from . import block_mask
+                from . import block_mask, dwconv_ln
 
                 block_mask.register_library_parts()
+                dwconv_ln.register_library_parts()
             _registered = True
     return name
 
