@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -248,7 +247,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=5)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    rows = []
+
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         index, noise_index = demo_corpus(tmp)

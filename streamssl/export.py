@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import torch
 from omegaconf import OmegaConf
 
 from streamssl.checkpoint import CheckpointError, atomic_save, load_checkpoint, load_state_strict

@@ -1,4 +1,10 @@
-"""Shared pytest configuration: CUDA-only tests skip cleanly on machines without a GPU."""
+"""Shared pytest configuration and fixtures.
+
+* Tests marked ``cuda`` skip cleanly on machines without a GPU.
+* ``one_thread``: tiny-tensor tests run faster on one thread and do not fight the rest of the
+  suite for the two cores (``pytestmark = pytest.mark.usefixtures("one_thread")``).
+* ``load_emulated(name)`` / ``emu_default_schedule``: the CUDA-emulator test libraries.
+"""
 
 import pytest
 import torch
@@ -11,3 +17,31 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def load_emulated(name: str):
+    """The emulator test library built from tests/cuda_emu/<name>; skips without a C++ compiler."""
+    from cuda_emu import CompilerNotFound, load
+
+    try:
+        return load(name)
+    except CompilerNotFound as e:
+        pytest.skip(f"no C++ compiler for the CUDA emulator: {e}")
+
+
+@pytest.fixture
+def emu_default_schedule(emu, monkeypatch):
+    """Every emulator test starts from the default schedule, whatever the environment says
+    (each emulator test module defines its own ``emu`` library fixture)."""
+    monkeypatch.delenv("CUDA_EMU_SCHEDULE", raising=False)
+    emu.set_schedule(None)
+    yield
+    emu.set_schedule(None)

@@ -6,13 +6,7 @@ import torch
 from streamssl.nn import CausalConvModule, PlainConvModule
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: one thread is faster and does not fight the other tests for the 2 cores.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _random_plain(D, K, dtype=torch.float64, bias=True, seed=0):

@@ -17,12 +17,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import load_emulated
 
 try:
-    from cuda_emu import SCHEDULES, CompilerNotFound, EmuError, build, cache_dir, compile_command, load
+    from cuda_emu import SCHEDULES, CompilerNotFound, EmuError, build, cache_dir, compile_command
     from cuda_emu.build import CSRC_DIR, EMU_DIR, TORCH_NVCC_DEFINES
 except ImportError:  # tests/ imported as a package
-    from tests.cuda_emu import SCHEDULES, CompilerNotFound, EmuError, build, cache_dir, compile_command, load
+    from tests.cuda_emu import SCHEDULES, CompilerNotFound, EmuError, build, cache_dir, compile_command
     from tests.cuda_emu.build import CSRC_DIR, EMU_DIR, TORCH_NVCC_DEFINES
 
 DETERMINISTIC = ("forward", "reverse", "random:0", "random:1")
@@ -32,19 +33,10 @@ U64 = 2**-53  # float64 unit roundoff
 
 @pytest.fixture(scope="session")
 def emu():
-    try:
-        return load("emu_selftest.cpp")
-    except CompilerNotFound as e:
-        pytest.skip(f"no C++ compiler for the CUDA emulator: {e}")
+    return load_emulated("emu_selftest.cpp")
 
 
-@pytest.fixture(autouse=True)
-def _default_schedule(emu, monkeypatch):
-    """Every test starts from the default schedule, whatever the environment says."""
-    monkeypatch.delenv("CUDA_EMU_SCHEDULE", raising=False)
-    emu.set_schedule(None)
-    yield
-    emu.set_schedule(None)
+pytestmark = pytest.mark.usefixtures("emu_default_schedule")
 
 
 def gen(seed: int) -> torch.Generator:

@@ -14,14 +14,15 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from conftest import load_emulated
 
 import streamssl.ops as ops
 from streamssl.ops import reference
 
 try:
-    from cuda_emu import CompilerNotFound, EmuError, load
+    from cuda_emu import EmuError
 except ImportError:  # tests/ imported as a package
-    from tests.cuda_emu import CompilerNotFound, EmuError, load
+    from tests.cuda_emu import EmuError
 
 # streamssl::cuda::BlockMaskDtype (csrc/cuda/block_mask_launch.h): the launcher's dtypes.
 DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
@@ -36,19 +37,10 @@ CONFIG_FIELDS = ("scan_grid", "scan_block", "write_grid", "write_block", "smem_b
 
 @pytest.fixture(scope="module")
 def emu():
-    try:
-        return load("emu_block_mask.cpp")
-    except CompilerNotFound as e:
-        pytest.skip(f"no C++ compiler for the CUDA emulator: {e}")
+    return load_emulated("emu_block_mask.cpp")
 
 
-@pytest.fixture(autouse=True)
-def _default_schedule(emu, monkeypatch):
-    """Every test starts from the default schedule, whatever the environment says."""
-    monkeypatch.delenv("CUDA_EMU_SCHEDULE", raising=False)
-    emu.set_schedule(None)
-    yield
-    emu.set_schedule(None)
+pytestmark = pytest.mark.usefixtures("emu_default_schedule")
 
 
 def _cpu_kernel_available() -> bool:

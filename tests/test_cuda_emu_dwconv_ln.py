@@ -16,15 +16,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import load_emulated
 
 import streamssl.ops as ops
 from streamssl.ops import reference
 from test_dwconv_ln import fwd_tol, grad_tol, make_inputs
 
-try:
-    from cuda_emu import CompilerNotFound, load
-except ImportError:  # tests/ imported as a package
-    from tests.cuda_emu import CompilerNotFound, load
 
 DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
 HAS_EXTENSION = ops.backend() != "reference"
@@ -35,19 +32,10 @@ GUARD = 16  # elements of sentinel before and after every output buffer
 
 @pytest.fixture(scope="module")
 def emu():
-    try:
-        return load("emu_dwconv_ln.cpp")
-    except CompilerNotFound as e:
-        pytest.skip(f"no C++ compiler for the CUDA emulator: {e}")
+    return load_emulated("emu_dwconv_ln.cpp")
 
 
-@pytest.fixture(autouse=True)
-def _default_schedule(emu, monkeypatch):
-    """Every test starts from the default schedule, whatever the environment says."""
-    monkeypatch.delenv("CUDA_EMU_SCHEDULE", raising=False)
-    emu.set_schedule(None)
-    yield
-    emu.set_schedule(None)
+pytestmark = pytest.mark.usefixtures("emu_default_schedule")
 
 
 class Guarded:

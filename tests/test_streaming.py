@@ -11,13 +11,7 @@ F_IN = 16
 N_LAYERS = 3
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: one thread is faster and does not fight the other tests for the 2 cores.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(ctx, style, seed=0):

@@ -28,6 +28,7 @@ import math
 import torch
 
 from . import reference
+from .reference import accumulation_dtype
 from ._args import _FLOATS, check_tensor
 
 _REDUCED = (torch.float16, torch.bfloat16)
@@ -66,10 +67,6 @@ def _check_args(x, weight, bias, ln_weight, ln_bias, cache, eps=1e-5) -> None:
             raise ValueError(f"cache must have shape (B, K-1, C) = ({B}, {K - 1}, {C}), got {tuple(cache.shape)}")
     if not (math.isfinite(eps) and eps >= 0):
         raise ValueError(f"eps must be finite and >= 0, got {eps}")
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def causal_dwconv_ln(
@@ -151,7 +148,7 @@ def register_library_parts() -> None:
         _check_args(x, weight, bias, ln_weight, ln_bias, cache, eps)
         B, T, C = x.shape
         K = weight.shape[1]
-        acc = _acc_dtype(x.dtype)
+        acc = accumulation_dtype(x.dtype)
         return (
             x.new_empty((B, T, C)),
             x.new_empty((B, K - 1, C)),
@@ -167,7 +164,7 @@ def register_library_parts() -> None:
         if grad_y.shape != x.shape:
             raise ValueError(f"grad_y must have x's shape {tuple(x.shape)}, got {tuple(grad_y.shape)}")
         for name, t in (("mean", mean), ("rstd", rstd)):
-            check_tensor(t, name, dim=2, dtypes=(_acc_dtype(x.dtype),), device=x.device)
+            check_tensor(t, name, dim=2, dtypes=(accumulation_dtype(x.dtype),), device=x.device)
             if tuple(t.shape) != (B, T):
                 raise ValueError(f"{name} must have shape (B, T) = ({B}, {T}), got {tuple(t.shape)}")
         bias_dtype = weight.dtype if bias is None else bias.dtype

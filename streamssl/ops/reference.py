@@ -106,7 +106,8 @@ def causal_block_mask(
     return masked, mask
 
 
-def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 for float64 inputs, float32 for float32/float16/bfloat16 (the ops' accumulation)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -135,7 +136,7 @@ def causal_dwconv_ln(
     if cache is None:
         cache = x.new_zeros(B, K - 1, C)
     xp = torch.cat([cache.detach().to(x.dtype), x], dim=1)  # (B, T + K - 1, C)
-    acc = _accumulation_dtype(x.dtype)
+    acc = accumulation_dtype(x.dtype)
     z = F.conv1d(
         xp.to(acc).transpose(1, 2),
         weight.to(acc).unsqueeze(1),
