@@ -3,7 +3,7 @@
 Two ways to run the same workloads:
 
     pytest bench/bench_data.py --benchmark-only          # pytest-benchmark tables
-    python bench/bench_data.py [--out bench/RESULTS_data.md] [--threads 1]   # ratios as markdown
+    python bench/bench_data.py [--out FILE] [--threads 1]   # the "Data pipeline" section of bench/RESULTS.md
 
 Every timing comes with its references from the same run: the loader against decoding the same
 files with ``soundfile.read`` (the I/O floor), features against a straightforward ``torch.stft``
