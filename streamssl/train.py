@@ -106,12 +106,12 @@ def _resolve_data(cfg: DictConfig, out_dir: Path, rank: int) -> dict:
     if not train:
         from streamssl.data.demo import make_demo_corpus
 
-        root = Path(d.demo_dir) if d.demo_dir else out_dir / "demo_data"
+        root = (Path(d.demo_dir) if d.demo_dir else out_dir / "demo_data").resolve()
+        # make_demo_corpus writes these three manifests (and the audio they list).
         corpus = {"train": root / "train.json", "val": root / "val.json", "noise": root / "noise.json"}
         if rank == 0 and not all(p.is_file() for p in corpus.values()):
             print(f"streamssl: writing the demo corpus to {root}", file=sys.stderr, flush=True)
-            made = make_demo_corpus(root)
-            assert {made.train, made.val, made.noise} == {str(p) for p in corpus.values()}, made
+            make_demo_corpus(root)
         if dist.is_initialized():
             dist.barrier()
         train = [corpus["train"]]

@@ -235,3 +235,14 @@ def test_gradient_accumulation_consumes_micro_batches(corpus, tmp_path):
     assert load_checkpoint(out / "checkpoints" / "last.pt")["data"]["position"] == 4
     m = _metrics(out)
     assert [r["step"] for r in m] == [1, 2] and all(r["num_targets"] > 0 for r in m)
+
+
+def test_cli_without_config_makes_the_demo_corpus_under_a_relative_out(tmp_path):
+    """The Quick-start main job: no config, no manifests, a relative --out."""
+    res = _run_cli(["pretrain", "--out", "runs/demo", *FAST, "trainer.max_steps=2", "trainer.val_every=2"],
+                   cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    run = tmp_path / "runs" / "demo"
+    assert (run / "demo_data" / "train.json").is_file() and (run / "checkpoints" / "last.pt").is_file()
+    assert "checkpoint: runs/demo/checkpoints/last.pt" in res.stdout
+    assert [r["step"] for r in _metrics(run)] == [1, 2] and "val_acc" in _metrics(run)[-1]
