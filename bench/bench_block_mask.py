@@ -71,14 +71,6 @@ CASES = [(name, torch.float32, n) for n in THREADS for name in IMPLS] + [
 ]
 
 
-@pytest.fixture
-def num_threads(request):
-    before = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("name,dtype,num_threads", CASES, indirect=["num_threads"],
                          ids=[f"{n}-{str(d).split('.')[-1]}-{k}thr" for n, d, k in CASES])
 def test_block_mask_cpu(benchmark, name, dtype, num_threads):

@@ -67,14 +67,6 @@ def clone(x, *_):
 IMPLS = {"fused": fused, "composition": composition, "clone": clone}
 
 
-@pytest.fixture
-def num_threads(request):
-    before = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(before)
-
-
 def shape_id(s):
     return "B{}xT{}xC{}xK{}".format(*s)
 
