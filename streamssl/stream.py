@@ -19,7 +19,7 @@ def stream_audio(encoder, features, audio: torch.Tensor, chunks_per_step: int = 
 
     Args:
         encoder: FastConformerEncoder in eval mode. features: LogMelFeatures (normalize none/global).
-        audio: (N,) float32 at ``features.sample_rate``.
+        audio: (N,) float at ``features.sample_rate`` (cast to the encoder's dtype).
         chunks_per_step: encoder chunks fed per step (larger steps: more latency, less overhead).
     Returns:
         dict: ``output`` (T', D) streaming output, ``offline`` (T', D) whole-file output,
@@ -33,11 +33,11 @@ def stream_audio(encoder, features, audio: torch.Tensor, chunks_per_step: int = 
     hop = features.hop_length
     step_frames = encoder.stream_chunk_frames() * chunks_per_step
     step_samples = step_frames * hop
-    audio = audio.float()
+    # Compute in the encoder's dtype (float32 normally; float64 gives a rounding-free comparison).
+    audio = audio.to(next(encoder.parameters()).dtype)
     n_frames = audio.numel() // hop
     state = encoder.init_stream_state(1, device=audio.device)
     cache, outputs, times = None, [], []
-    done = 0
     for start in range(0, max(audio.numel(), 1), step_samples):
         t0 = time.perf_counter()
         piece = audio[start : start + step_samples].unsqueeze(0)
@@ -49,7 +49,6 @@ def stream_audio(encoder, features, audio: torch.Tensor, chunks_per_step: int = 
         out, out_len, state = encoder.stream_step(feats, torch.tensor([k]), state, final=last)
         outputs.append(out[0, : int(out_len[0])])
         times.append(time.perf_counter() - t0)
-        done += k
         if last:
             break
     streamed = torch.cat(outputs) if outputs else audio.new_zeros(0, encoder.d_model)
