@@ -46,6 +46,9 @@ class FeaturesConfig:
     dither: float = 1e-5
     # Encoder input: "none" (streaming-safe) or "global". Targets always use "per_utterance".
     normalize: str = "none"
+    # normalize=global: a statistics file from `streamssl compute-stats`; null: computed from the
+    # training manifest at the start of a fresh run and written to <out>/feature_stats.json.
+    stats: Optional[str] = None
 
 
 @dataclass
@@ -80,12 +83,23 @@ class AugmentConfig:
 
 
 @dataclass
+class ObjectiveConfig:
+    # masked: predict the tokens of masked blocks (NEST / BEST-RQ). next_token: predict the tokens
+    # `offsets` encoder frames ahead of every frame, nothing masked (NEST-RQ).
+    kind: str = "masked"
+    offsets: List[int] = field(default_factory=lambda: [1, 2, 3])
+    # Start the head's bias at the targets' unigram distribution (counted on the training data).
+    head_prior: bool = True
+
+
+@dataclass
 class ModelConfig:
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
     masking: MaskingConfig = field(default_factory=MaskingConfig)
     quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
 
 
 @dataclass
@@ -254,6 +268,9 @@ def _validate(cfg: DictConfig) -> None:
          "must be none or global (per_utterance needs the future: it is for targets only)")
     need(m.features.n_mels == m.encoder.feat_in, "model.encoder.feat_in",
          f"must equal model.features.n_mels ({m.features.n_mels})")
+    need(m.objective.kind in ("masked", "next_token"), "model.objective.kind", "must be masked or next_token")
+    need(len(m.objective.offsets) > 0 and all(k >= 1 for k in m.objective.offsets), "model.objective.offsets",
+         "must be a non-empty list of ints >= 1")
     need(0 < m.masking.target_threshold <= 1, "model.masking.target_threshold", "must be in (0, 1]")
     ctx = OmegaConf.to_container(m.encoder.att_context_size)
     pairs = ctx if ctx and isinstance(ctx[0], list) else [ctx]

@@ -26,6 +26,7 @@ def _from_pretraining(state: dict, source: str) -> dict:
     cfg = OmegaConf.create(state["config"])
     enc_cfg = OmegaConf.to_container(cfg.model.encoder, resolve=True)
     feat_cfg = OmegaConf.to_container(cfg.model.features, resolve=True)
+    feat_cfg.pop("stats", None)  # the statistics themselves travel in the features' buffers
     model = state["model"]
     encoder = {k[len("encoder."):]: v for k, v in model.items() if k.startswith("encoder.")}
     features = {k[len("features."):]: v for k, v in model.items() if k.startswith("features.")}

@@ -185,11 +185,47 @@ class Trainer:
         self.step = 0
         self.ckpt_dir = self.out / "checkpoints"
         self._resume()
+        if self.step == 0:
+            self._initialise_from_data()
         self.ddp = None
         if self.world > 1:
             self.ddp = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
+
+    def _initialise_from_data(self) -> None:
+        """Fresh run: global feature statistics and the head's prior, from the training data.
+
+        Every rank computes the same numbers from the same seeded subset (no broadcast needed).
+        """
+        m, t = self.cfg.model, self.cfg.trainer
+        if m.features.normalize == "global":
+            from streamssl.ssl.features import compute_global_stats, save_stats
+
+            if m.features.stats:
+                self.model.features.load_stats(m.features.stats)
+            else:
+                stats = compute_global_stats(self.train_index, self.model.features, max_seconds=3600.0, seed=t.seed)
+                self.model.features.set_stats(stats["mean"], stats["std"])
+                if self.is_main:
+                    save_stats(self.out / "feature_stats.json", stats)
+        if m.objective.head_prior:
+            subset = self._seeded_subset(600.0)
+            loader = build_loader(subset, None, batch_seconds=self.cfg.data.batch_seconds, seed=t.seed, shuffle=False,
+                                  num_workers=0, sample_rate=m.features.sample_rate, strict=self.cfg.data.strict)
+            counts = torch.zeros(m.quantizer.num_codebooks, m.quantizer.num_codes, dtype=torch.float64)
+            for raw in loader:
+                if raw["audio"].shape[0]:
+                    counts += self.model.target_counts(raw["audio"].to(self.device), raw["audio_lengths"].to(self.device))
+            self.model.set_head_prior(counts)
+
+    def _seeded_subset(self, seconds: float):
+        import numpy as np
+
+        index = self.train_index
+        order = np.random.default_rng(self.cfg.trainer.seed).permutation(len(index))
+        n = int(np.searchsorted(np.cumsum(index.durations[order]), seconds)) + 1
+        return index.subset(np.sort(order[:n]))
 
     # -- checkpoints -------------------------------------------------------------------------------
     def state_dict(self) -> dict:

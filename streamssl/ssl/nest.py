@@ -1,10 +1,17 @@
-"""The NEST / BEST-RQ pretraining model: clean audio -> targets; noisy, masked audio -> predictions.
+"""Self-supervised pretraining model: clean audio -> random-projection targets; noisy audio -> predictions.
+
+Two objectives (``model.objective.kind``) share features, quantizer, augmentation and encoder:
+
+* ``masked`` (NEST / BEST-RQ): blocks of input frames are masked; encoder frame j is scored against
+  its own token j iff at least ``target_threshold`` of its 8 input frames are masked, so it must
+  infer them from the unmasked past (and the right context the attention allows).
+* ``next_token`` (NEST-RQ): nothing is masked; every encoder frame j predicts the tokens
+  j + k for k in ``offsets`` (the future it has not seen), one classifier per offset. This is
+  defined for a causal encoder, where masked-block prediction is mostly unpredictable.
 
 Frame alignment (stated once, used everywhere): the causal 8x subsampling makes encoder frame j
 cover feature frames [8j, 8j + 8) (plus left context, never a later frame), and token j of the
-quantizer is the stack of exactly those clean frames. Encoder frame j is scored iff at least
-``target_threshold`` of its 8 input frames are masked, so its own frames are hidden from it and it
-must infer them from the unmasked past (and the right context the attention allows).
+quantizer is the stack of exactly those clean frames.
 """
 
 from __future__ import annotations
@@ -21,6 +28,8 @@ from streamssl.ssl.features import LogMelFeatures
 from streamssl.ssl.loss import masked_prediction_loss
 from streamssl.ssl.masking import BlockMasking
 from streamssl.ssl.quantizer import RandomProjectionQuantizer
+
+OBJECTIVES = ("masked", "next_token")
 
 
 def _plain(cfg) -> dict:
@@ -51,8 +60,15 @@ class NEST(nn.Module):
         super().__init__()
         cfg = _plain(cfg)
         enc, feat, msk, qz, aug = (cfg[k] for k in ("encoder", "features", "masking", "quantizer", "augment"))
+        obj = cfg.get("objective") or {"kind": "masked"}
+        if obj["kind"] not in OBJECTIVES:
+            raise ValueError(f"objective.kind must be one of {OBJECTIVES}, got {obj['kind']!r}")
+        self.objective = obj["kind"]
+        self.offsets = [0] if self.objective == "masked" else [int(k) for k in obj["offsets"]]
+        if self.objective == "next_token" and (not self.offsets or min(self.offsets) < 1):
+            raise ValueError(f"objective.offsets must be a non-empty list of ints >= 1, got {obj['offsets']}")
         factor = enc["subsampling_factor"]
-        feat_args = {k: v for k, v in feat.items() if k != "normalize"}
+        feat_args = {k: v for k, v in feat.items() if k not in ("normalize", "stats")}
         # Encoder input: streaming-safe normalisation only. Targets: per utterance (training-only,
         # so looking at the whole utterance is allowed) and never dithered.
         self.features = LogMelFeatures(**feat_args, normalize=feat["normalize"], seed=seed)
@@ -70,7 +86,8 @@ class NEST(nn.Module):
             target_threshold=msk["target_threshold"],
         )
         self.encoder = FastConformerEncoder(**enc, att_context_seed=seed, conv_impl=conv_impl)
-        self.head = MaskedPredictionHead(enc["d_model"], qz["num_codes"], qz["num_codebooks"])
+        self.num_codebooks = qz["num_codebooks"]
+        self.head = MaskedPredictionHead(enc["d_model"], qz["num_codes"], qz["num_codebooks"] * len(self.offsets))
 
     def forward(
         self,
@@ -93,20 +110,20 @@ class NEST(nn.Module):
             boolean selection of scored frames).
         """
         with torch.no_grad():
-            clean, feat_lengths = self.target_features(audio, audio_lengths)
-            tokens, _ = self.quantizer(clean, feat_lengths)  # (B, T // 8, G)
-            noisy = audio
-            if self.training and self.augment.prob > 0:
-                noisy = self.augment(audio, audio_lengths, noise, noise_lengths, generator=generator)
-            feats, _ = self.features(noisy, audio_lengths, generator=generator)
-        masked, mask = self.masking(feats, feat_lengths)
-        encoded, _ = self.encoder(masked, feat_lengths)
-        # Targets only where a whole 8-frame group lies inside the utterance (j < length // 8).
-        positions = self.masking.target_mask(mask, feat_lengths, num_frames=tokens.shape[1])
+            tokens, token_lengths, feats, feat_lengths = self._targets_and_inputs(
+                audio, audio_lengths, noise, noise_lengths, generator)
+        if self.objective == "masked":
+            feats, mask = self.masking(feats, feat_lengths)
+            # Targets only where a whole 8-frame group lies inside the utterance (j < length // 8).
+            positions = self.masking.target_mask(mask, feat_lengths, num_frames=tokens.shape[1])
+        else:
+            j = torch.arange(tokens.shape[1], device=tokens.device)
+            positions = j.unsqueeze(0) < (token_lengths - max(self.offsets)).unsqueeze(1)
+        encoded, _ = self.encoder(feats, feat_lengths)
         if encoded.shape[1] > tokens.shape[1]:  # T not a multiple of 8: the last partial group
             encoded = encoded[:, : tokens.shape[1]]
-        logits = self.head(encoded, positions)
-        targets = tokens[positions]
+        logits = self.head(encoded, positions)  # (N, K, C)
+        targets = self._gather_targets(tokens, positions)  # (N, K)
         loss, acc = masked_prediction_loss(logits, targets)
         return {
             "loss": loss,
@@ -115,3 +132,32 @@ class NEST(nn.Module):
             "targets": targets,
             "predictions": logits.detach().argmax(-1),
         }
+
+    def _targets_and_inputs(self, audio, audio_lengths, noise, noise_lengths, generator):
+        """Clean tokens (B, T // 8, G) and their lengths; the encoder's (augmented) input features."""
+        clean, feat_lengths = self.target_features(audio, audio_lengths)
+        tokens, token_lengths = self.quantizer(clean, feat_lengths)
+        noisy = audio
+        if self.training and self.augment.prob > 0:
+            noisy = self.augment(audio, audio_lengths, noise, noise_lengths, generator=generator)
+        feats, _ = self.features(noisy, audio_lengths, generator=generator)
+        return tokens, token_lengths, feats, feat_lengths
+
+    def _gather_targets(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """(N, K) targets at the scored frames: column (k, g) is codebook g of token j + offsets[k]."""
+        cols = [tokens[:, k:][positions[:, : tokens.shape[1] - k]] for k in self.offsets]  # each (N, G)
+        return torch.cat(cols, dim=1)
+
+    @torch.no_grad()
+    def target_counts(self, audio: torch.Tensor, audio_lengths: torch.Tensor) -> torch.Tensor:
+        """(G, C) float64 counts of the clean targets of a batch (for ``head.set_prior``)."""
+        clean, feat_lengths = self.target_features(audio, audio_lengths)
+        tokens, token_lengths = self.quantizer(clean, feat_lengths)
+        valid = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0) < token_lengths.unsqueeze(1)
+        t = tokens[valid]  # (N, G)
+        C = self.quantizer.num_codes
+        return torch.stack([torch.bincount(t[:, g], minlength=C) for g in range(t.shape[1])]).double().cpu()
+
+    def set_head_prior(self, counts: torch.Tensor) -> None:
+        """Start the head at the targets' unigram distribution: (G, C) counts, repeated per offset."""
+        self.head.set_prior(counts.repeat(len(self.offsets), 1))
