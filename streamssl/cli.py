@@ -96,15 +96,61 @@ def _run_pretrain(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     t0 = time.perf_counter()
     last = pretrain(cfg, args.out)
-    out = Path(args.out)
+    _summary(last, args.out, t0, ("loss", "acc", "val_loss", "val_acc", "val_marginal_ce", "val_majority_acc"))
+    return 0
+
+
+def _summary(last: dict, out: str, t0: float, keys) -> None:
+    out = Path(out)
     if last:
-        summary = ", ".join(f"{k} {last[k]:.4f}" for k in ("loss", "acc", "val_loss", "val_acc") if k in last)
-        print(f"step {last['step']}: {summary}")
+        print(f"step {last['step']}: " + ", ".join(f"{k} {last[k]:.4f}" for k in keys if k in last))
     print(f"finished in {time.perf_counter() - t0:.0f} s")
     print(f"checkpoint: {out / 'checkpoints' / 'last.pt'}")
     print(f"metrics:    {out / 'metrics.jsonl'}")
     print(f"config:     {out / 'config.yaml'}")
+
+
+# -- finetune --------------------------------------------------------------------------------------
+def _args_finetune(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=None,
+                   help="recipe YAML or bundled name (finetune_demo, finetune_small, finetune_large); "
+                        "default: finetune_demo")
+    p.add_argument("--out", default="runs/finetune_demo", help="run directory; an existing checkpoint there is resumed")
+    p.add_argument("--init", default=None, metavar="PATH",
+                   help="pretraining run directory, checkpoint or exported encoder (default: random init)")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted config overrides")
+
+
+def _run_finetune(args: argparse.Namespace) -> int:
+    from streamssl.config import load_finetune_config
+    from streamssl.train.finetuning import finetune
+
+    cfg = load_finetune_config(args.config, args.overrides)
+    explicit_context = any(o.startswith("model.encoder.att_context_size=") for o in args.overrides)
+    t0 = time.perf_counter()
+    last = finetune(cfg, args.out, init=args.init, context_override=explicit_context)
+    _summary(last, args.out, t0, ("loss", "val_loss", "val_wer", "val_cer"))
+    print(f"tokenizer:  {Path(args.out) / 'tokenizer.model'}")
     return 0
+
+
+# -- transcribe ------------------------------------------------------------------------------------
+def _args_transcribe(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, metavar="DIR|FILE", help="fine-tuning run directory or checkpoint")
+    p.add_argument("audio", nargs="*", metavar="AUDIO", help="audio files (any rate soundfile reads; resampled)")
+    p.add_argument("--manifest", default=None, help="JSON-lines manifest; with `text`, WER/CER are printed")
+    p.add_argument("--out", default=None, help="write JSON lines: each input line plus pred_text")
+    p.add_argument("--streaming", action="store_true", help="decode chunk by chunk with the cache-aware encoder")
+    p.add_argument("--att-context-size", default=None, metavar="L,R", help="context to decode with (a trained one)")
+    p.add_argument("--chunks-per-step", type=int, default=1, help="encoder chunks per streaming step")
+    p.add_argument("--batch-seconds", type=float, default=120.0, help="audio per offline batch")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+
+
+def _run_transcribe(args: argparse.Namespace) -> int:
+    from streamssl.transcribe import transcribe_command
+
+    return transcribe_command(args)
 
 
 # -- export-encoder --------------------------------------------------------------------------------
@@ -199,6 +245,10 @@ def _run_info(args: argparse.Namespace) -> int:
 COMMANDS: dict[str, Command] = {
     "pretrain": Command("NEST/BEST-RQ pretraining of a streaming encoder (resumes from --out)",
                         _args_pretrain, _run_pretrain),
+    "finetune": Command("fine-tune a (pretrained) streaming encoder with a CTC head on transcribed audio",
+                        _args_finetune, _run_finetune),
+    "transcribe": Command("transcribe files or a manifest with a fine-tuned model (offline or streaming); WER/CER",
+                          _args_transcribe, _run_transcribe),
     "export-encoder": Command("write the encoder of a pretraining checkpoint for fine-tuning",
                               _args_export_encoder, _run_export_encoder),
     "stream": Command("stream an audio file chunk by chunk through an encoder; latency and RTF",

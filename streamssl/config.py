@@ -1,4 +1,4 @@
-"""Pretraining configuration: a typed schema, YAML recipes and NeMo-style dotted overrides.
+"""Pretraining and fine-tuning configuration: typed schemas, YAML recipes and NeMo-style dotted overrides.
 
 A recipe is a YAML file merged over the schema below; ``key.sub=value`` overrides are merged last.
 Unknown keys and values of the wrong type fail before anything runs, with the key named.
@@ -110,6 +110,9 @@ class DataConfig:
     val_manifest: Optional[str] = None
     noise_manifest: Optional[str] = None
     demo_dir: Optional[str] = None  # default: <out>/demo_data
+    # The embedded corpus used when train_manifest is null: "speech" (spoken commands in many
+    # eSpeak NG voices, with transcripts) or "phones" (the tiny synthetic phone corpus).
+    demo_corpus: str = "speech"
     batch_seconds: float = 60.0
     min_duration: float = 0.5
     max_duration: float = 20.0
@@ -150,6 +153,58 @@ class PretrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
 
+@dataclass
+class TokenizerConfig:
+    vocab_size: int = 128  # sentencepiece pieces (the CTC blank comes on top)
+    type: str = "bpe"  # bpe | unigram
+
+
+@dataclass
+class SpecAugmentConfig:
+    freq_masks: int = 2
+    freq_width: int = 15
+    time_masks: int = 2
+    time_width: float = 0.05  # < 1: a fraction of the utterance; >= 1: frames
+
+
+@dataclass
+class FinetuneModelConfig:
+    # Without --init: the architecture (encoder and features) of this pretraining recipe, so a
+    # scratch baseline is the same network as the pretrained one. With --init: the init's.
+    pretrain_recipe: Optional[str] = None
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    specaugment: SpecAugmentConfig = field(default_factory=SpecAugmentConfig)
+
+
+@dataclass
+class FinetuneDataConfig:
+    # Manifests with `text`. None: the transcribed part of the embedded speech corpus.
+    train_manifest: Optional[Any] = None
+    val_manifest: Optional[str] = None
+    demo_dir: Optional[str] = None  # default: <out>/demo_data
+    batch_seconds: float = 60.0
+    min_duration: float = 0.5
+    max_duration: float = 20.0
+    num_workers: int = 2
+    strict: bool = False
+
+
+@dataclass
+class FinetuneOptimConfig(OptimConfig):
+    # The encoder's learning rate is held at 0 for these first steps (the head learns alone).
+    freeze_encoder_steps: int = 0
+
+
+@dataclass
+class FinetuneConfig:
+    model: FinetuneModelConfig = field(default_factory=FinetuneModelConfig)
+    data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
+    optim: FinetuneOptimConfig = field(default_factory=FinetuneOptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
 class ConfigError(ValueError):
     """A recipe or an override is invalid; the message names the key."""
 
@@ -162,10 +217,10 @@ def recipe_dir() -> Path:
     raise FileNotFoundError(f"streamssl's recipes were not found next to {_PACKAGE_DIR}")
 
 
-def resolve_recipe(name_or_path: str | None) -> Path:
-    """A recipe path from a path or a bundled recipe name ("demo", "small", ...); None is demo."""
+def resolve_recipe(name_or_path: str | None, default: str = "demo") -> Path:
+    """A recipe path from a path or a bundled recipe name ("demo", "small", ...); None is ``default``."""
     if name_or_path is None:
-        return recipe_dir() / "demo.yaml"
+        return recipe_dir() / f"{default}.yaml"
     p = Path(name_or_path)
     if p.is_file():
         return p
@@ -224,9 +279,35 @@ def load_config(recipe: str | None = None, overrides: list[str] | None = None) -
     Raises:
         ConfigError naming the bad key (unknown key, wrong type, malformed override).
     """
-    schema = OmegaConf.structured(PretrainConfig)
-    cfg = schema
-    for path in _recipe_chain(resolve_recipe(recipe)):
+    cfg = _load(PretrainConfig, resolve_recipe(recipe), overrides)
+    _validate(cfg)
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def load_finetune_config(recipe: str | None = None, overrides: list[str] | None = None) -> DictConfig:
+    """The resolved fine-tuning config (default recipe: finetune_demo); arguments as ``load_config``.
+
+    When the recipe names ``model.pretrain_recipe``, that recipe's ``model.encoder`` and
+    ``model.features`` come first and the fine-tuning recipe and overrides go over them.
+    """
+    path = resolve_recipe(recipe, default="finetune_demo")
+    base = None
+    probe = _load(FinetuneConfig, path, overrides)
+    if probe.model.pretrain_recipe:
+        pre = load_config(probe.model.pretrain_recipe)
+        base = {"model": {"encoder": OmegaConf.to_container(pre.model.encoder),
+                          "features": OmegaConf.to_container(pre.model.features)}}
+    cfg = _load(FinetuneConfig, path, overrides, base=base)
+    _validate_finetune(cfg)
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def _load(schema_cls, recipe_path: Path, overrides, base: dict | None = None) -> DictConfig:
+    schema = OmegaConf.structured(schema_cls)
+    cfg = OmegaConf.merge(schema, base) if base else schema
+    for path in _recipe_chain(recipe_path):
         try:
             layer = OmegaConf.load(path)
         except Exception as e:  # YAML syntax errors carry their line
@@ -243,17 +324,18 @@ def load_config(recipe: str | None = None, overrides: list[str] | None = None) -
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
         except OmegaConfBaseException as e:
             raise _explain(e, schema, f"override {item!r}") from e
-    _validate(cfg)
-    OmegaConf.set_readonly(cfg, True)
     return cfg
 
 
-def _validate(cfg: DictConfig) -> None:
-    def need(ok: bool, key: str, msg: str):
-        if not ok:
-            raise ConfigError(f"{key}: {msg}")
+def _need(ok: bool, key: str, msg: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {msg}")
 
-    t, o, m, d = cfg.trainer, cfg.optim, cfg.model, cfg.data
+
+def _validate_common(cfg: DictConfig) -> None:
+    """Checks shared by pretraining and fine-tuning configs: trainer, optim, data sizes, features."""
+    need = _need
+    t, o, d, m = cfg.trainer, cfg.optim, cfg.data, cfg.model
     need(t.max_steps >= 1, "trainer.max_steps", "must be >= 1")
     for k in ("log_every", "ckpt_every", "val_every", "accumulate_grad_batches", "keep_last"):
         need(t[k] >= 1, f"trainer.{k}", "must be >= 1")
@@ -268,14 +350,32 @@ def _validate(cfg: DictConfig) -> None:
          "must be none or global (per_utterance needs the future: it is for targets only)")
     need(m.features.n_mels == m.encoder.feat_in, "model.encoder.feat_in",
          f"must equal model.features.n_mels ({m.features.n_mels})")
-    need(m.objective.kind in ("masked", "next_token"), "model.objective.kind", "must be masked or next_token")
-    need(len(m.objective.offsets) > 0 and all(k >= 1 for k in m.objective.offsets), "model.objective.offsets",
-         "must be a non-empty list of ints >= 1")
-    need(0 < m.masking.target_threshold <= 1, "model.masking.target_threshold", "must be in (0, 1]")
     ctx = OmegaConf.to_container(m.encoder.att_context_size)
     pairs = ctx if ctx and isinstance(ctx[0], list) else [ctx]
     need(all(isinstance(p, list) and len(p) == 2 and all(isinstance(v, int) for v in p) for p in pairs),
          "model.encoder.att_context_size", f"must be [left, right] or a list of them, got {ctx}")
+
+
+def _validate_finetune(cfg: DictConfig) -> None:
+    _validate_common(cfg)
+    m, o = cfg.model, cfg.optim
+    _need(m.tokenizer.vocab_size >= 2, "model.tokenizer.vocab_size", "must be >= 2")
+    _need(m.tokenizer.type in ("bpe", "unigram"), "model.tokenizer.type", "must be bpe or unigram")
+    _need(o.freeze_encoder_steps >= 0, "optim.freeze_encoder_steps", "must be >= 0")
+    for k in ("freq_masks", "freq_width", "time_masks"):
+        _need(m.specaugment[k] >= 0, f"model.specaugment.{k}", "must be >= 0")
+    _need(m.specaugment.time_width >= 0, "model.specaugment.time_width", "must be >= 0")
+
+
+def _validate(cfg: DictConfig) -> None:
+    _validate_common(cfg)
+    m, d = cfg.model, cfg.data
+    need = _need
+    need(d.demo_corpus in ("speech", "phones"), "data.demo_corpus", "must be speech or phones")
+    need(m.objective.kind in ("masked", "next_token"), "model.objective.kind", "must be masked or next_token")
+    need(len(m.objective.offsets) > 0 and all(k >= 1 for k in m.objective.offsets), "model.objective.offsets",
+         "must be a non-empty list of ints >= 1")
+    need(0 < m.masking.target_threshold <= 1, "model.masking.target_threshold", "must be in (0, 1]")
 
 
 def to_yaml(cfg: DictConfig) -> str:

@@ -45,3 +45,16 @@ def emu_default_schedule(emu, monkeypatch):
     emu.set_schedule(None)
     yield
     emu.set_schedule(None)
+
+
+@pytest.fixture(scope="session")
+def small_speech(tmp_path_factory):
+    """A small transcribed eSpeak NG corpus (same generator as the demo's, fewer utterances)."""
+    from streamssl.data.speech_corpus import make_speech_corpus
+    from streamssl.data.tts import SynthesisUnavailable
+
+    try:
+        return make_speech_corpus(tmp_path_factory.mktemp("speech"), seed=0, n_pretrain=60, n_train=48, n_val=12,
+                                  n_test=12, n_noise=2)
+    except SynthesisUnavailable as e:
+        pytest.skip(f"no speech synthesiser: {e}")

@@ -15,7 +15,7 @@ from streamssl.checkpoint import CheckpointError, load_checkpoint
 from streamssl.config import load_config
 from streamssl.data.demo import make_demo_corpus
 from streamssl.export import load_encoder
-from streamssl.train import Trainer, noam_lambda
+from streamssl.train import noam_lambda, pretrain_trainer as Trainer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -152,7 +152,7 @@ def test_replica_check_detects_divergence(corpus, tmp_path):
 import os, sys, torch, torch.distributed as dist
 sys.path.insert(0, {str(ROOT)!r})
 from streamssl.config import load_config
-from streamssl.train import Trainer
+from streamssl.train import pretrain_trainer as Trainer
 cfg = load_config("demo", {(FAST + _data(corpus) + ["trainer.max_steps=1"])!r})
 t = Trainer(cfg, {str(tmp_path / "run")!r})
 t.check_replicas()

@@ -32,7 +32,8 @@ class CTCHead(nn.Module):
 
     def forward(self, encoded: torch.Tensor) -> torch.Tensor:
         """(B, T', D) -> (B, T', V + 1) float32 log-probabilities."""
-        return F.log_softmax(self.proj(encoded).float(), dim=-1)
+        logits = self.proj(encoded)
+        return F.log_softmax(logits if logits.dtype == torch.float64 else logits.float(), dim=-1)
 
 
 def ctc_loss(log_probs: torch.Tensor, lengths: torch.Tensor, targets: torch.Tensor, target_lengths: torch.Tensor,

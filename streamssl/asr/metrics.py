@@ -9,7 +9,7 @@ characters, as in NeMo's CER).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 _NON_WORD = re.compile(r"[^a-z0-9']+")
 
@@ -44,7 +44,6 @@ class ErrorCounts:
     char_errors: int = 0
     chars: int = 0
     utterances: int = 0
-    _pairs: list = field(default_factory=list, repr=False)
 
     def add(self, ref: str, hyp: str) -> None:
         ref, hyp = normalize_text(ref), normalize_text(hyp)
@@ -55,8 +54,18 @@ class ErrorCounts:
         self.utterances += 1
 
     def merge(self, other: "ErrorCounts") -> None:
-        for k in ("word_errors", "words", "char_errors", "chars", "utterances"):
+        for k in self._FIELDS:
             setattr(self, k, getattr(self, k) + getattr(other, k))
+
+    _FIELDS = ("word_errors", "words", "char_errors", "chars", "utterances")
+
+    def as_tuple(self) -> tuple[int, ...]:
+        """The counts, for summing across processes (``from_tuple`` undoes it)."""
+        return tuple(getattr(self, k) for k in self._FIELDS)
+
+    @classmethod
+    def from_tuple(cls, values) -> "ErrorCounts":
+        return cls(**{k: int(round(v)) for k, v in zip(cls._FIELDS, values)})
 
     @property
     def wer(self) -> float:

@@ -158,7 +158,7 @@ class _PathTable:
         return len(self.starts) - 2
 
 
-def _parse_one(manifest: str, check_files: bool, keep_text: bool, table: _PathTable):
+def _parse_one(manifest: str, check_files: bool, keep_text: bool, table: _PathTable, require_text: bool = False):
     """Parse one manifest into compact arrays, adding its paths to ``table``."""
     base = os.path.dirname(os.path.abspath(manifest)) + os.sep
     durations = array.array("d")
@@ -215,6 +215,12 @@ def _parse_one(manifest: str, check_files: bool, keep_text: bool, table: _PathTa
                 if not last_checked[1]:
                     errors.append(f"{manifest}:{lineno}: audio file not found: {path}")
                     continue
+            if require_text:
+                t = item.get("text")
+                if not isinstance(t, str) or not t.strip():
+                    errors.append(f"{manifest}:{lineno}: " + ("missing key 'text' (a transcript is needed here)"
+                                  if t is None else f"'text' must be a non-empty transcript, got {t!r}"))
+                    continue
             if errors:
                 continue  # the load will fail: only keep looking for more errors
             durations.append(dur)
@@ -230,7 +236,7 @@ def load_manifest(path_or_paths: str | os.PathLike | Sequence[str | os.PathLike]
                   weights: float | Sequence[float] | None = None,
                   min_duration: float | None = None,
                   max_duration: float | None = None,
-                  *, check_files: bool = True, keep_text: bool = False) -> ManifestIndex:
+                  *, check_files: bool = True, keep_text: bool = False, require_text: bool = False) -> ManifestIndex:
     """Load and validate one or several JSON-lines manifests into a :class:`ManifestIndex`.
 
     Args:
@@ -243,6 +249,7 @@ def load_manifest(path_or_paths: str | os.PathLike | Sequence[str | os.PathLike]
             for millions of files on a network filesystem, pass False and cache the index with
             :meth:`ManifestIndex.save`).
         keep_text: also keep ``text`` (not needed for self-supervised training).
+        require_text: every line must have a non-empty ``text`` (implies ``keep_text``).
 
     Raises:
         ManifestError (a ValueError) naming ``file:line`` of every malformed line (the first 20
@@ -273,7 +280,7 @@ def load_manifest(path_or_paths: str | os.PathLike | Sequence[str | os.PathLike]
     all_dur, all_off, all_ids, all_src, all_text = [], [], [], [], []
     errors: list[str] = []
     for m, manifest in enumerate(manifests):
-        dur, off, ids, texts, errs = _parse_one(manifest, check_files, keep_text, table)
+        dur, off, ids, texts, errs = _parse_one(manifest, check_files, keep_text or require_text, table, require_text)
         errors.extend(errs)
         all_dur.append(np.frombuffer(dur, dtype=np.float64))
         all_off.append(np.frombuffer(off, dtype=np.float64))
@@ -297,7 +304,7 @@ def load_manifest(path_or_paths: str | os.PathLike | Sequence[str | os.PathLike]
     del table, all_dur, all_off, all_ids
 
     texts = None
-    if keep_text:
+    if keep_text or require_text:
         enc = [t.encode("utf-8") for t in all_text]
         starts = np.zeros(len(enc) + 1, dtype=np.int64)
         np.cumsum([len(b) for b in enc], out=starts[1:])

@@ -88,6 +88,10 @@ class NEST(nn.Module):
         self.encoder = FastConformerEncoder(**enc, att_context_seed=seed, conv_impl=conv_impl)
         self.num_codebooks = qz["num_codebooks"]
         self.head = MaskedPredictionHead(enc["d_model"], qz["num_codes"], qz["num_codebooks"] * len(self.offsets))
+        # The targets' unigram log-distribution estimated on training data (set_head_prior): an
+        # input-blind predictor whose validation loss is the honest baseline to beat.
+        self.register_buffer("target_log_prior", torch.full((qz["num_codebooks"], qz["num_codes"]),
+                                                            -float(torch.tensor(qz["num_codes"]).log())))
 
     def forward(
         self,
@@ -131,6 +135,8 @@ class NEST(nn.Module):
             "num_targets": positions.sum(),
             "targets": targets,
             "predictions": logits.detach().argmax(-1),
+            "encoded": encoded.detach(),
+            "encoded_lengths": token_lengths,
         }
 
     def _targets_and_inputs(self, audio, audio_lengths, noise, noise_lengths, generator):
@@ -158,6 +164,12 @@ class NEST(nn.Module):
         C = self.quantizer.num_codes
         return torch.stack([torch.bincount(t[:, g], minlength=C) for g in range(t.shape[1])]).double().cpu()
 
-    def set_head_prior(self, counts: torch.Tensor) -> None:
-        """Start the head at the targets' unigram distribution: (G, C) counts, repeated per offset."""
-        self.head.set_prior(counts.repeat(len(self.offsets), 1))
+    def set_head_prior(self, counts: torch.Tensor, smoothing: float = 0.1) -> None:
+        """Start the head at the targets' unigram distribution: (G, C) counts, repeated per offset.
+
+        Also keeps the (smoothed) distribution in ``target_log_prior`` for the validation baseline.
+        """
+        counts = counts.double()
+        p = (counts + smoothing) / (counts.sum(-1, keepdim=True) + smoothing * counts.shape[-1])
+        self.target_log_prior.copy_(p.log().to(self.target_log_prior))
+        self.head.set_prior(counts.repeat(len(self.offsets), 1), smoothing=smoothing)

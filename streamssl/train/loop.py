@@ -1,0 +1,362 @@
+"""The training loop shared by pretraining and fine-tuning: DDP, AdamW + Noam, checkpoints, exact resume.
+
+A *task* (``PretrainTask``, ``FinetuneTask``) owns what differs: the model, the data, the loss and
+the validation metrics. The ``Trainer`` owns what does not: devices and ranks, the optimiser and
+schedule, gradient accumulation and clipping, non-finite steps, checkpoints and resume, logging.
+
+Exact resume: everything random in a step is a pure function of (seed, step, rank) — dropout
+(the global RNG is re-seeded per step), augmentation and dither (a generator seeded per step) —
+or is state saved in the checkpoint (the model's buffers, such as the masking counter, the
+optimiser, the schedule and the data position). A resumed run computes the same losses as an
+uninterrupted one.
+
+A task provides:
+    name: str                       progress-bar label
+    model: nn.Module                everything that is trained or checkpointed
+    loader                          the training loader (``state_dict``/``load_state_dict``)
+    param_groups() -> list[dict]    AdamW groups (each with ``params`` and ``weight_decay``)
+    initialise()                    a fresh run's data-dependent initialisation
+    before_step(step, optimizer)    e.g. hold the encoder's learning rate at 0 while frozen
+    forward(module, batch, generator) -> dict
+        ``loss`` (scalar tensor), ``weight`` (int: what the loss is a mean over), ``sums``
+        (float metrics times weight), ``extras`` (anything ``step_metrics`` needs)
+    step_metrics(extras: list) -> dict
+    validate(module) -> dict | None
+    warnings(record, step) -> list[str]   said to the user when a logged record looks wrong
+    postfix(metrics) -> dict        numbers for the progress bar
+    checkpoint_extras() -> dict     saved next to the model (e.g. the tokenizer)
+    sample_rate: int                to count seconds of audio
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig
+
+from streamssl.checkpoint import CheckpointError, load_checkpoint, load_state_strict, save_checkpoint
+from streamssl.config import ConfigError, to_yaml
+from streamssl.train.runlog import RunLog
+from streamssl.train.schedule import noam_lambda, step_seed
+
+CHECKPOINT_VERSION = 1
+
+
+class _Interrupt:
+    """SIGINT/SIGTERM stop the run at the next step boundary with a checkpoint (a second SIGINT
+    kills at once)."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def dist_env() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's environment."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def _pick_device(cfg: DictConfig, local_rank: int) -> torch.device:
+    want = cfg.trainer.device
+    if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ConfigError("trainer.device: cuda was asked for but no CUDA device is available")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def _rng_state(device: torch.device) -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+class Runtime:
+    """Where a run executes: rank, world size, device, autocast, run directory."""
+
+    def __init__(self, cfg: DictConfig, out_dir: str | os.PathLike):
+        self.rank, self.world, local_rank = dist_env()
+        if self.world > 1 and not dist.is_initialized():
+            backend = "nccl" if (cfg.trainer.device != "cpu" and torch.cuda.is_available()) else "gloo"
+            dist.init_process_group(backend=backend)
+        self.device = _pick_device(cfg, local_rank)
+        self.is_main = self.rank == 0
+        t = cfg.trainer
+        self.amp = self.device.type == "cuda" and t.precision in ("auto", "bf16")
+        if t.precision == "bf16" and self.device.type != "cuda":
+            raise ConfigError("trainer.precision: bf16 autocast is for CUDA; use fp32 (or auto) on CPU")
+        self.out = Path(out_dir)
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.yaml").write_text(to_yaml(cfg))
+
+    def autocast(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.amp else nullcontext()
+
+    def reduce_device(self) -> torch.device:
+        return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum over ranks (a no-op for one process); returns a CPU tensor."""
+        if self.world == 1:
+            return t
+        t = t.to(self.reduce_device())
+        dist.all_reduce(t)
+        return t.cpu()
+
+    def barrier(self) -> None:
+        if dist.is_initialized():
+            dist.barrier()
+
+
+class Trainer:
+    """Runs a task to ``trainer.max_steps``: ``Trainer(cfg, runtime, task).fit()``.
+
+    Args:
+        cfg: a resolved config with ``optim`` and ``trainer`` sections.
+        runtime: the ``Runtime`` the task was built for.
+        task: see the module docstring. If the run directory holds a checkpoint, it is resumed.
+    """
+
+    def __init__(self, cfg: DictConfig, runtime: Runtime, task):
+        self.cfg, self.rt, self.task = cfg, runtime, task
+        self.out, self.device = runtime.out, runtime.device
+        o = cfg.optim
+        self.optimizer = torch.optim.AdamW(task.param_groups(), lr=o.lr, betas=tuple(o.betas))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, noam_lambda(o.warmup_steps, o.lr, o.min_lr))
+        self.step = 0
+        self.ckpt_dir = self.out / "checkpoints"
+        self._resume()
+        if self.step == 0:
+            task.initialise()
+        self.module = task.model
+        if runtime.world > 1:
+            self.module = torch.nn.parallel.DistributedDataParallel(
+                task.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.task.model
+
+    # -- checkpoints -------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "version": CHECKPOINT_VERSION,
+            "step": self.step,
+            "model": self.task.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "data": self.task.loader.state_dict(),
+            "rng": _rng_state(self.device),
+            "world_size": self.rt.world,
+            "config": to_yaml(self.cfg),
+            **self.task.checkpoint_extras(),
+        }
+
+    def _resume(self) -> None:
+        last = self.ckpt_dir / "last.pt"
+        if not last.is_file():
+            return
+        state = load_checkpoint(last)
+        if state.get("world_size", 1) != self.rt.world:
+            raise CheckpointError(f"{last} was written by a run of {state.get('world_size')} processes; this one "
+                                  f"has {self.rt.world}: the data position cannot be carried over exactly")
+        load_state_strict(self.task.model, state["model"], str(last))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.task.loader.load_state_dict(state["data"])
+        torch.set_rng_state(state["rng"]["cpu"])
+        if "cuda" in state["rng"] and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+        self.step = int(state["step"])
+        if self.rt.is_main:
+            print(f"streamssl: resuming from {last} at step {self.step}", file=sys.stderr, flush=True)
+
+    @torch.no_grad()
+    def check_replicas(self) -> None:
+        """Raise if the ranks' parameters differ (a DDP desync would silently waste the run).
+
+        Each rank reduces its parameters to a few float64 moments; bit-identical replicas give
+        bit-identical moments, so any difference is a real divergence.
+        """
+        if self.rt.world == 1:
+            return
+        moments = torch.zeros(3, dtype=torch.float64, device=self.device)
+        for p in self.task.model.parameters():
+            x = p.detach().double().flatten()
+            moments += torch.stack([x.sum(), x.square().sum(), (x * torch.arange(x.numel(), device=x.device)).sum()])
+        dev = self.rt.reduce_device()
+        moments = moments.to(dev)
+        gathered = [torch.empty_like(moments) for _ in range(self.rt.world)]
+        dist.all_gather(gathered, moments)
+        if any(not torch.equal(g, gathered[0]) for g in gathered):
+            raise RuntimeError(f"step {self.step}: model replicas differ across ranks: {[g.tolist() for g in gathered]}")
+
+    def save(self) -> Path | None:
+        self.check_replicas()
+        if not self.rt.is_main:
+            return None
+        return save_checkpoint(self.state_dict(), self.ckpt_dir, self.step, self.cfg.trainer.keep_last)
+
+    # -- one step ----------------------------------------------------------------------------------
+    def _batches(self):
+        while True:
+            yield from self.task.loader
+
+    def _forward(self, raw: dict, generator: torch.Generator | None) -> dict:
+        if raw["audio"].shape[0] == 0:
+            # Every file of this batch was unreadable: take part in the step with a zero loss that
+            # touches every parameter, so DDP ranks stay in step.
+            zero = sum(p.sum() for p in self.task.model.parameters() if p.requires_grad) * 0.0
+            return {"loss": zero, "weight": 0, "sums": {}, "extras": None}
+        with self.rt.autocast():
+            return self.task.forward(self.module, raw, generator)
+
+    def train_step(self, batches) -> dict:
+        """One optimiser step over ``accumulate_grad_batches`` micro-batches; returns metrics.
+
+        A step whose gradient is not finite (a NaN/inf loss) changes no weight: it is counted in
+        ``nonfinite_steps`` and training goes on, identically on every rank (the gradient norm
+        is computed after DDP's all-reduce).
+        """
+        t = self.cfg.trainer
+        self.task.model.train()
+        self.task.before_step(self.step, self.optimizer)
+        seed = step_seed(t.seed, self.step, self.rt.rank)
+        gen = torch.Generator(device=self.device).manual_seed(seed)  # augmentation, dither
+        self.optimizer.zero_grad(set_to_none=True)
+        sums: dict[str, float] = {"loss": 0.0, "weight": 0.0, "seconds": 0.0, "skipped": 0.0}
+        extras = []
+        accum = t.accumulate_grad_batches
+        for micro in range(accum):
+            raw = next(batches)
+            # Dropout draws from the global RNG. Seed it after fetching the batch: starting a
+            # DataLoader iterator (as a resumed run does) consumes global random numbers.
+            torch.manual_seed(seed + micro)
+            sync = self.module.no_sync() if (self.rt.world > 1 and micro < accum - 1) else nullcontext()
+            with sync:
+                out = self._forward(raw, gen)
+                (out["loss"] / accum).backward()
+            w = int(out["weight"])
+            sums["loss"] += float(out["loss"].detach()) * w
+            sums["weight"] += w
+            for k, v in out["sums"].items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            sums["seconds"] += float(raw["audio_lengths"].sum()) / self.task.sample_rate
+            sums["skipped"] += len(raw["skipped"])
+            extras.append(out["extras"])
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.task.model.parameters(), t.grad_clip)
+        finite = bool(torch.isfinite(grad_norm))
+        if finite:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        metrics = self._reduce(sums)
+        metrics["grad_norm"] = float(grad_norm)
+        metrics["nonfinite"] = 0 if finite else 1
+        metrics["lr"] = self.scheduler.get_last_lr()[0]
+        metrics.update(self.task.step_metrics([e for e in extras if e is not None]))
+        return metrics
+
+    def _reduce(self, sums: dict) -> dict:
+        """Weighted means over micro-batches and ranks (``seconds``, ``skipped``, ``weight`` summed)."""
+        keys = sorted(sums)
+        vals = self.rt.all_reduce(torch.tensor([sums[k] for k in keys], dtype=torch.float64))
+        total = dict(zip(keys, vals.tolist()))
+        n = max(total["weight"], 1.0)
+        out = {k: v / n for k, v in total.items() if k not in ("weight", "seconds", "skipped")}
+        out.update(weight=int(total["weight"]), audio_seconds=total["seconds"], skipped=int(total["skipped"]))
+        return out
+
+    # -- the loop ----------------------------------------------------------------------------------
+    def validate(self) -> dict | None:
+        self.task.model.eval()
+        try:
+            with torch.no_grad(), self.rt.autocast():
+                return self.task.validate(self.task.model)
+        finally:
+            self.task.model.train()
+
+    def fit(self) -> dict:
+        """Train to ``trainer.max_steps`` (or until SIGINT/SIGTERM); returns the last metrics."""
+        t = self.cfg.trainer
+        log = RunLog(self.out, enabled=self.rt.is_main, step=self.step, max_steps=t.max_steps,
+                     desc=self.task.name, progress=t.progress)
+        batches = self._batches()
+        last: dict = {}
+        nonfinite = 0
+        window_start, window_seconds = time.perf_counter(), 0.0
+        try:
+            with _Interrupt() as interrupt:
+                while self.step < t.max_steps:
+                    m = self.train_step(batches)
+                    window_seconds += m["audio_seconds"]
+                    if m["nonfinite"]:
+                        nonfinite += 1
+                        log.say(f"streamssl: step {self.step}: non-finite gradient (loss {m['loss']}); "
+                                f"the step was skipped ({nonfinite} so far)")
+                    val = self.validate() if self.step % t.val_every == 0 else None
+                    if self.step % t.log_every == 0 or val is not None or self.step == t.max_steps:
+                        elapsed = time.perf_counter() - window_start
+                        m["audio_sec_per_sec"] = window_seconds / max(elapsed, 1e-9)
+                        window_start, window_seconds = time.perf_counter(), 0.0
+                        last = {"step": self.step, **m, **(val or {})}
+                        log.write(last)
+                        for warning in self.task.warnings(last, self.step):
+                            log.say(f"streamssl: warning: step {self.step}: {warning}")
+                    log.tick(**self.task.postfix(m))
+                    stop = self._agree(interrupt.requested)
+                    if self.step % t.ckpt_every == 0 or self.step == t.max_steps or stop:
+                        self.save()
+                    if stop:
+                        log.say(f"\nstreamssl: interrupted at step {self.step}; checkpoint saved to "
+                                f"{self.ckpt_dir / 'last.pt'}. Run the same command to resume.")
+                        break
+        finally:
+            log.close()
+        return last
+
+    def _agree(self, flag: bool) -> bool:
+        """Whether any rank was asked to stop (all ranks stop at the same step)."""
+        if self.rt.world == 1:
+            return flag
+        return bool(self.rt.all_reduce(torch.tensor([1.0 if flag else 0.0])).item() > 0)
+
+
+def run(cfg: DictConfig, out_dir: str | os.PathLike, make_task) -> dict:
+    """Build the runtime, the task (``make_task(cfg, runtime)``) and a Trainer, and train.
+
+    Tears down the process group it created. Returns the last logged metrics.
+    """
+    runtime = Runtime(cfg, out_dir)
+    try:
+        return Trainer(cfg, runtime, make_task(cfg, runtime)).fit()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
