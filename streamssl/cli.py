@@ -153,6 +153,20 @@ def _run_transcribe(args: argparse.Namespace) -> int:
     return transcribe_command(args)
 
 
+# -- plot ------------------------------------------------------------------------------------------
+def _args_plot(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a pretraining or fine-tuning run directory")
+    p.add_argument("--out", default=None, help="where to write the PNGs (default: RUN_DIR/plots)")
+
+
+def _run_plot(args: argparse.Namespace) -> int:
+    from streamssl.plot import plot_run
+
+    for path in plot_run(args.run_dir, args.out):
+        print(f"wrote {path}")
+    return 0
+
+
 # -- export-encoder --------------------------------------------------------------------------------
 def _args_export_encoder(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", metavar="CKPT", help="pretraining checkpoint (<run>/checkpoints/last.pt)")
@@ -249,6 +263,7 @@ COMMANDS: dict[str, Command] = {
                         _args_finetune, _run_finetune),
     "transcribe": Command("transcribe files or a manifest with a fine-tuned model (offline or streaming); WER/CER",
                           _args_transcribe, _run_transcribe),
+    "plot": Command("training and validation curves of a run as PNG files", _args_plot, _run_plot),
     "export-encoder": Command("write the encoder of a pretraining checkpoint for fine-tuning",
                               _args_export_encoder, _run_export_encoder),
     "stream": Command("stream an audio file chunk by chunk through an encoder; latency and RTF",
@@ -278,7 +293,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args._run(args) or 0)
-    except (ValueError, OSError, AudioReadError, CheckpointError) as e:
+    except (ValueError, OSError, ImportError, AudioReadError, CheckpointError) as e:
         # These errors name the argument, file or line; a traceback would only bury that.
         print(f"streamssl {args.command}: error: {e}", file=sys.stderr)
         return 1

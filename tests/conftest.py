@@ -55,6 +55,6 @@ def small_speech(tmp_path_factory):
 
     try:
         return make_speech_corpus(tmp_path_factory.mktemp("speech"), seed=0, n_pretrain=60, n_train=48, n_val=12,
-                                  n_test=12, n_noise=2)
+                                  n_test=40, n_noise=2)
     except SynthesisUnavailable as e:
         pytest.skip(f"no speech synthesiser: {e}")

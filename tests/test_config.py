@@ -6,7 +6,8 @@ from omegaconf import OmegaConf
 from streamssl.config import ConfigError, load_config, recipe_dir
 from streamssl.nn.encoder import FastConformerEncoder
 
-RECIPES = sorted(p.stem for p in recipe_dir().glob("*.yaml"))
+RECIPES = sorted(p.stem for p in recipe_dir().glob("*.yaml") if not p.stem.startswith("finetune_"))
+FINETUNE_RECIPES = sorted(p.stem for p in recipe_dir().glob("finetune_*.yaml"))
 
 
 def test_every_recipe_loads_and_builds_its_encoder_arguments():
@@ -16,10 +17,25 @@ def test_every_recipe_loads_and_builds_its_encoder_arguments():
         for key in ("trainer.max_steps", "trainer.log_every", "trainer.ckpt_every", "trainer.seed",
                     "data.train_manifest", "data.noise_manifest", "data.val_manifest", "model.encoder.d_model"):
             assert OmegaConf.select(cfg, key, default="<absent>", throw_on_missing=False) != "<absent>", (name, key)
-        # NEST defaults in every recipe.
+        if "demo" in name:  # the demo recipes state what learns at their scale (bench/RESULTS.md)
+            continue
+        # NEST defaults in every full-size recipe.
         assert cfg.model.masking.mask_prob == 0.01 and cfg.model.masking.block_size == 40
         assert cfg.model.quantizer.num_codes == 8192 and cfg.model.quantizer.code_dim == 16
         assert cfg.model.quantizer.num_codebooks == 1
+
+
+def test_finetune_recipes_take_their_architecture_from_a_pretraining_recipe():
+    from streamssl.config import load_finetune_config
+
+    assert {"finetune_demo", "finetune_small", "finetune_large"} <= set(FINETUNE_RECIPES)
+    for name in FINETUNE_RECIPES:
+        cfg = load_finetune_config(name)
+        pre = load_config(cfg.model.pretrain_recipe)
+        assert cfg.model.encoder == pre.model.encoder and cfg.model.features == pre.model.features, name
+    assert load_finetune_config("finetune_demo", ["model.encoder.d_model=48"]).model.encoder.d_model == 48
+    with pytest.raises(ConfigError, match="optim.freeze_encoder_steps"):
+        load_finetune_config("finetune_demo", ["optim.freeze_encoder_steps=-1"])
 
 
 def test_presets_sizes():

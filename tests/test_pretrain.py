@@ -55,27 +55,32 @@ def test_noam_schedule_shape():
     assert f(10**9) == pytest.approx(1e-3)  # the floor: min_lr / peak_lr
 
 
-def test_demo_pretraining_learns(corpus, tmp_path):
-    """The loss falls and masked-token accuracy rises far above chance.
+# Measured on the development machine with seeds 1234 and 1 (bench/RESULTS.md): val_loss ends
+# 0.15 / 0.14 nats below val_marginal_ce and 0.21 / 0.21 below val_prior_ce; val_acc 7.1 / 5.5
+# points above val_majority_acc. The masked objective ends above both (bench/RESULTS.md).
+LEARN_MARGIN_NATS = 0.05
+LEARN_MARGIN_ACC = 0.03
 
-    Chance is 1 / num_codes = 1/8192 (guessing a code uniformly); the start is ln(8192) = 9.01
-    nats. After 150 steps of the cut-down demo model we require the loss to have fallen by
-    2 nats and validation accuracy to exceed 100x chance (1.2 %). Measured on the development
-    machine: loss about 6 and validation accuracy 5-8 %. That level is what learning the target
-    distribution gives (the validation majority-class rate is logged as val_majority_acc); using
-    the unmasked context to beat it takes longer runs (see the pretraining issue's note)."""
+
+@pytest.mark.slow
+def test_pretraining_beats_the_input_blind_baselines(small_speech, tmp_path):
+    """The ssl_demo objective, cut down, must use its input: on held-out voices the loss ends
+    below the targets' own unigram entropy (``val_marginal_ce``, the best an input-blind model
+    can do on this set) and the accuracy above always guessing the commonest code."""
     out = tmp_path / "run"
-    cfg = load_config("demo", FAST + _data(corpus) + [
-        "model.quantizer.num_codes=8192", "trainer.max_steps=150", "trainer.val_every=150", "trainer.max_val_batches=100",
-        "trainer.ckpt_every=1000", "optim.warmup_steps=30", "optim.lr=3e-3"])
+    cfg = load_config("ssl_demo", [
+        "model.encoder.d_model=64", "model.encoder.n_layers=2", "model.encoder.n_heads=2",
+        "model.encoder.subsampling_channels=32", "model.quantizer.num_codes=64",
+        f"data.train_manifest={small_speech.pretrain}", f"data.val_manifest={small_speech.test}",
+        f"data.noise_manifest={small_speech.noise}", "data.batch_seconds=40", "trainer.progress=false",
+        "trainer.log_every=10", "trainer.max_steps=200", "trainer.val_every=200", "trainer.ckpt_every=1000",
+        "optim.warmup_steps=30", "optim.lr=3e-3"])
     Trainer(cfg, out).fit()
-    m = _metrics(out)
-    first = sum(r["loss"] for r in m[:5]) / 5
-    last = sum(r["loss"] for r in m[-10:]) / 10
-    assert first > 8.5 and last < first - 2.0, (first, last)
-    val = m[-1]
-    assert val["step"] == 150 and val["val_targets"] > 200
-    assert val["val_acc"] > 100 / 8192, val
+    val = _metrics(out)[-1]
+    assert val["step"] == 200 and val["val_targets"] > 1500
+    assert val["val_loss"] < val["val_marginal_ce"] - LEARN_MARGIN_NATS, val
+    assert val["val_acc"] > val["val_majority_acc"] + LEARN_MARGIN_ACC, val
+    assert val["val_loss"] < val["val_prior_ce"] - LEARN_MARGIN_NATS, val
 
 
 def test_resume_is_exact(corpus, tmp_path):
