@@ -9,7 +9,8 @@ from streamssl.ssl.nest import NEST
 def _model(**over):
     cfg = load_config("demo", ["model.encoder.d_model=32", "model.encoder.n_layers=1", "model.encoder.n_heads=2",
                                "model.encoder.subsampling_channels=8", "model.quantizer.num_codes=64",
-                               "model.masking.mask_prob=0.05"] + [f"{k}={v}" for k, v in over.items()])
+                               "model.masking.mask_prob=0.05", "model.objective.kind=masked"]
+                       + [f"{k}={v}" for k, v in over.items()])
     return NEST(cfg.model, seed=3)
 
 

@@ -110,13 +110,14 @@ def model_state(model: CTCModel, tokenizer: Tokenizer) -> dict:
             "tokenizer": tokenizer.model_proto}
 
 
-def resolve_model_path(path: str | os.PathLike) -> Path:
-    """A run directory means its ``checkpoints/last.pt``."""
+def resolve_model_path(path: str | os.PathLike, arg: str = "--model") -> Path:
+    """A checkpoint path; a run directory means its ``checkpoints/last.pt``. ``arg`` names the
+    option in the error."""
     p = Path(path)
     if p.is_dir():
         p = p / "checkpoints" / "last.pt"
     if not p.is_file():
-        raise FileNotFoundError(f"--model {path}: no such file (give a fine-tuning run directory or checkpoint)")
+        raise FileNotFoundError(f"{arg} {path}: no such file or run directory with checkpoints/last.pt")
     return p
 
 

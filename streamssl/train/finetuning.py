@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from streamssl.asr.ctc import ctc_loss, greedy_tokens
 from streamssl.asr.metrics import ErrorCounts
 from streamssl.asr.model import FORMAT as CTC_FORMAT
-from streamssl.asr.model import CTCModel, model_state
+from streamssl.asr.model import CTCModel, model_state, resolve_model_path
 from streamssl.asr.tokenizer import Tokenizer
 from streamssl.checkpoint import CheckpointError, load_checkpoint, load_state_strict
 from streamssl.config import ConfigError, as_list
@@ -36,11 +36,7 @@ def read_init(path: str | os.PathLike) -> dict:
     """Encoder and features (configs and weights) of a run directory, checkpoint or exported encoder."""
     from streamssl.export import _read
 
-    p = Path(path)
-    if p.is_dir():
-        p = p / "checkpoints" / "last.pt"
-    if not p.is_file():
-        raise FileNotFoundError(f"--init {path}: no such file or run directory with checkpoints/last.pt")
+    p = resolve_model_path(path, "--init")
     state = load_checkpoint(p)
     if state.get("format") == CTC_FORMAT:
         model = state["model"]
@@ -70,6 +66,7 @@ class FinetuneTask:
     """
 
     name = "finetune"
+    weight_name = "utterances"
 
     def __init__(self, cfg: DictConfig, rt: Runtime, init: str | None = None, context_override: bool = False):
         self.cfg, self.rt, self.device = cfg, rt, rt.device

@@ -26,6 +26,7 @@ A task provides:
     postfix(metrics) -> dict        numbers for the progress bar
     checkpoint_extras() -> dict     saved next to the model (e.g. the tokenizer)
     sample_rate: int                to count seconds of audio
+    weight_name: str                what ``weight`` counts, as logged (e.g. ``num_targets``)
 """
 
 from __future__ import annotations
@@ -291,7 +292,8 @@ class Trainer:
         total = dict(zip(keys, vals.tolist()))
         n = max(total["weight"], 1.0)
         out = {k: v / n for k, v in total.items() if k not in ("weight", "seconds", "skipped")}
-        out.update(weight=int(total["weight"]), audio_seconds=total["seconds"], skipped=int(total["skipped"]))
+        out[self.task.weight_name] = int(total["weight"])
+        out.update(audio_seconds=total["seconds"], skipped=int(total["skipped"]))
         return out
 
     # -- the loop ----------------------------------------------------------------------------------

@@ -82,6 +82,7 @@ class PretrainTask:
     """NEST pretraining of a streaming encoder (see the loop module for the task protocol)."""
 
     name = "pretrain"
+    weight_name = "num_targets"
 
     def __init__(self, cfg: DictConfig, rt: Runtime):
         self.cfg, self.rt = cfg, rt
