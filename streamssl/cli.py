@@ -50,26 +50,26 @@ def _run_demo_data(args: argparse.Namespace) -> int:
 def _args_compute_stats(p: argparse.ArgumentParser) -> None:
     p.add_argument("manifest", metavar="MANIFEST", nargs="+", help="manifest(s) to measure")
     p.add_argument("out", metavar="OUT", help="JSON file to write (mean, std, frames, feature settings)")
+    p.add_argument("--config", default=None, help="recipe whose model.features settings to use (default: demo)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="key.sub=value",
+                   help="config override, e.g. --set model.features.n_mels=64 (repeatable)")
     p.add_argument("--max-hours", type=float, default=None,
                    help="use a seeded random subset of about this many hours")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--batch-seconds", type=float, default=120.0)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--sample-rate", type=int, default=16000)
-    p.add_argument("--n-mels", type=int, default=80)
-    p.add_argument("--win-length", type=int, default=400)
-    p.add_argument("--hop-length", type=int, default=160)
-    p.add_argument("--n-fft", type=int, default=512)
-    p.add_argument("--preemph", type=float, default=0.97)
 
 
 def _run_compute_stats(args: argparse.Namespace) -> int:
+    from omegaconf import OmegaConf
+
+    from streamssl.config import load_config
     from streamssl.data.manifest import load_manifest
     from streamssl.ssl.features import LogMelFeatures, compute_global_stats, save_stats
 
-    feats = LogMelFeatures(sample_rate=args.sample_rate, n_mels=args.n_mels, win_length=args.win_length,
-                           hop_length=args.hop_length, n_fft=args.n_fft, preemph=args.preemph)
+    f = OmegaConf.to_container(load_config(args.config, args.overrides).model.features, resolve=True)
+    feats = LogMelFeatures(**{k: v for k, v in f.items() if k not in ("normalize", "stats")})
     index = load_manifest(args.manifest)
     max_seconds = None if args.max_hours is None else args.max_hours * 3600.0
     t0 = time.perf_counter()

@@ -143,6 +143,8 @@ class TrainerConfig:
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
     progress: bool = True  # tqdm bar on rank 0
+    # Steps whose gradient is NaN/inf are skipped; this many in a row stop the run.
+    max_nonfinite_steps: int = 10
 
 
 @dataclass
@@ -337,7 +339,7 @@ def _validate_common(cfg: DictConfig) -> None:
     need = _need
     t, o, d, m = cfg.trainer, cfg.optim, cfg.data, cfg.model
     need(t.max_steps >= 1, "trainer.max_steps", "must be >= 1")
-    for k in ("log_every", "ckpt_every", "val_every", "accumulate_grad_batches", "keep_last"):
+    for k in ("log_every", "ckpt_every", "val_every", "accumulate_grad_batches", "keep_last", "max_nonfinite_steps"):
         need(t[k] >= 1, f"trainer.{k}", "must be >= 1")
     need(t.device in ("auto", "cpu", "cuda"), "trainer.device", "must be auto, cpu or cuda")
     need(t.precision in ("auto", "bf16", "fp32"), "trainer.precision", "must be auto, bf16 or fp32")

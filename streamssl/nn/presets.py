@@ -9,7 +9,8 @@ All use an 8x causal subsampling and conv kernel 9. Keys given next to ``preset`
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+
+from streamssl._mapping import plain
 
 from .encoder import FastConformerEncoder
 
@@ -36,28 +37,13 @@ _ENCODER_KEYS = frozenset(
 )
 
 
-def _plain(config) -> dict:
-    if config is None:
-        return {}
-    try:  # an OmegaConf node: resolve interpolations and turn ListConfigs into lists
-        from omegaconf import DictConfig, OmegaConf
-
-        if isinstance(config, DictConfig):
-            return OmegaConf.to_container(config, resolve=True)
-    except ImportError:  # pragma: no cover - omegaconf is a dependency
-        pass
-    if not isinstance(config, Mapping):
-        raise ValueError(f"encoder config must be a mapping, got {type(config).__name__}")
-    return dict(config)
-
-
 def encoder_config(config=None, **overrides) -> dict:
     """The constructor keyword arguments for ``config`` (a mapping, optionally with ``preset``).
 
     Later sources win: the preset, then the other keys of ``config``, then ``overrides``.
     Unknown keys raise ValueError naming them.
     """
-    cfg = {**_plain(config), **overrides}
+    cfg = {**plain(config, "encoder config"), **overrides}
     preset = cfg.pop("preset", None)
     if preset is not None and preset not in PRESETS:
         raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")

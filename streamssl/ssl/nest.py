@@ -16,11 +16,10 @@ quantizer is the stack of exactly those clean frames.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import torch
 import torch.nn as nn
 
+from streamssl._mapping import plain
 from streamssl.data.augment import NestAugment
 from streamssl.nn.encoder import FastConformerEncoder
 from streamssl.ssl.decoder import MaskedPredictionHead
@@ -30,19 +29,6 @@ from streamssl.ssl.masking import BlockMasking
 from streamssl.ssl.quantizer import RandomProjectionQuantizer
 
 OBJECTIVES = ("masked", "next_token")
-
-
-def _plain(cfg) -> dict:
-    try:
-        from omegaconf import DictConfig, OmegaConf
-
-        if isinstance(cfg, DictConfig):
-            return OmegaConf.to_container(cfg, resolve=True)
-    except ImportError:  # pragma: no cover
-        pass
-    if not isinstance(cfg, Mapping):
-        raise ValueError(f"model config must be a mapping, got {type(cfg).__name__}")
-    return {k: (_plain(v) if isinstance(v, Mapping) else v) for k, v in cfg.items()}
 
 
 class NEST(nn.Module):
@@ -58,7 +44,7 @@ class NEST(nn.Module):
 
     def __init__(self, cfg, seed: int = 0, conv_impl: str = "op"):
         super().__init__()
-        cfg = _plain(cfg)
+        cfg = plain(cfg, "model config")
         enc, feat, msk, qz, aug = (cfg[k] for k in ("encoder", "features", "masking", "quantizer", "augment"))
         obj = cfg.get("objective") or {"kind": "masked"}
         if obj["kind"] not in OBJECTIVES:

@@ -28,7 +28,7 @@ from streamssl.checkpoint import CheckpointError, load_checkpoint, load_state_st
 from streamssl.config import ConfigError, as_list
 from streamssl.data.loader import build_loader
 from streamssl.data.manifest import load_manifest
-from streamssl.train.loop import Runtime, Trainer, run
+from streamssl.train.loop import Runtime, Trainer, decay_param_groups, run
 from streamssl.train.pretraining import demo_corpus
 
 
@@ -123,13 +123,7 @@ class FinetuneTask:
 
     # -- set-up ------------------------------------------------------------------------------------
     def param_groups(self) -> list[dict]:
-        groups = []
-        wd = self.cfg.optim.weight_decay
-        for name, module in (("encoder", self.model.encoder), ("head", self.model.head)):
-            params = [p for p in module.parameters() if p.requires_grad]
-            groups.append({"params": [p for p in params if p.dim() >= 2], "weight_decay": wd, "name": name})
-            groups.append({"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "name": name})
-        return groups
+        return decay_param_groups({"encoder": self.model.encoder, "head": self.model.head}, self.cfg.optim.weight_decay)
 
     def initialise(self) -> None:
         """Fresh run from scratch with normalize=global: statistics from the training manifest."""

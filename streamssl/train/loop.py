@@ -35,6 +35,7 @@ import os
 import signal
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -96,6 +97,57 @@ def _rng_state(device: torch.device) -> dict:
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
     return state
+
+
+def decay_param_groups(modules: dict, weight_decay: float) -> list[dict]:
+    """AdamW groups: weight decay on the weight matrices of Linear and convolution layers only.
+
+    Biases, normalisation gains, embeddings and free parameters such as attention position
+    biases are not decayed, whatever their shape. Each group carries ``name`` (the key of
+    ``modules``) so that a task can treat, e.g., the encoder's groups apart.
+    """
+    matrix_types = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d)
+    groups = []
+    for name, module in modules.items():
+        decay, keep = [], []
+        for m in module.modules():
+            for pname, p in m.named_parameters(recurse=False):
+                if not p.requires_grad:
+                    continue
+                (decay if isinstance(m, matrix_types) and pname == "weight" else keep).append(p)
+        groups.append({"params": decay, "weight_decay": weight_decay, "name": name})
+        groups.append({"params": keep, "weight_decay": 0.0, "name": name})
+    return groups
+
+
+# Keys that may change between a run and its resumption: they do not touch what is computed.
+RESUMABLE_KEYS = ("trainer.max_steps", "trainer.log_every", "trainer.ckpt_every", "trainer.val_every",
+                  "trainer.max_val_batches", "trainer.keep_last", "trainer.progress", "trainer.max_nonfinite_steps",
+                  "data.num_workers", "data.val_manifest")
+
+
+def _flatten(d, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_changes(saved_yaml: str, cfg: DictConfig) -> tuple[list[str], list[str]]:
+    """(allowed, refused) differences between a checkpoint's config and this run's, as ``key: a -> b``."""
+    from omegaconf import OmegaConf
+
+    old = _flatten(OmegaConf.to_container(OmegaConf.create(saved_yaml), resolve=True))
+    new = _flatten(OmegaConf.to_container(cfg, resolve=True))
+    allowed, refused = [], []
+    for k in sorted(set(old) | set(new)):
+        if old.get(k) != new.get(k):
+            line = f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
+            (allowed if k in RESUMABLE_KEYS else refused).append(line)
+    return allowed, refused
 
 
 class Runtime:
@@ -188,6 +240,13 @@ class Trainer:
         if state.get("world_size", 1) != self.rt.world:
             raise CheckpointError(f"{last} was written by a run of {state.get('world_size')} processes; this one "
                                   f"has {self.rt.world}: the data position cannot be carried over exactly")
+        allowed, refused = config_changes(state["config"], self.cfg)
+        if refused:
+            raise CheckpointError(f"{last}: this run's config differs from the checkpoint's in keys that change what "
+                                  f"is computed, so it cannot resume exactly:\n  " + "\n  ".join(refused) +
+                                  "\nUse a new --out for a new run, or restore these values.")
+        if allowed and self.rt.is_main:
+            print("streamssl: resuming with changed settings: " + "; ".join(allowed), file=sys.stderr, flush=True)
         load_state_strict(self.task.model, state["model"], str(last))
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -220,6 +279,10 @@ class Trainer:
             raise RuntimeError(f"step {self.step}: model replicas differ across ranks: {[g.tolist() for g in gathered]}")
 
     def save(self) -> Path | None:
+        bad = [n for n, p in self.task.model.named_parameters() if not torch.isfinite(p).all()]
+        if bad:
+            raise RuntimeError(f"step {self.step}: non-finite weights in {', '.join(bad[:5])}: not writing a checkpoint "
+                               f"(the last good one is {self.ckpt_dir / 'last.pt'})")
         self.check_replicas()
         if not self.rt.is_main:
             return None
@@ -232,10 +295,17 @@ class Trainer:
 
     def _forward(self, raw: dict, generator: torch.Generator | None) -> dict:
         if raw["audio"].shape[0] == 0:
-            # Every file of this batch was unreadable: take part in the step with a zero loss that
-            # touches every parameter, so DDP ranks stay in step.
-            zero = sum(p.sum() for p in self.task.model.parameters() if p.requires_grad) * 0.0
-            return {"loss": zero, "weight": 0, "sums": {}, "extras": None}
+            # Every file of this batch was unreadable. Take part in the step anyway, through the
+            # same (DDP) module with one second of quiet noise and a zero weight: the gradient
+            # all-reduce pairs with the other ranks' and the model's counters (masking, context
+            # draws) advance as on them.
+            g = torch.Generator().manual_seed(self.step)
+            audio = torch.randn(1, self.task.sample_rate, generator=g) * 1e-3
+            dummy = {"audio": audio, "audio_lengths": torch.tensor([self.task.sample_rate]),
+                     "indices": torch.zeros(1, dtype=torch.int64), "skipped": raw["skipped"]}
+            with self.rt.autocast():
+                out = self.task.forward(self.module, dummy, generator)
+            return {"loss": out["loss"] * 0.0, "weight": 0, "sums": {}, "extras": None}
         with self.rt.autocast():
             return self.task.forward(self.module, raw, generator)
 
@@ -274,14 +344,17 @@ class Trainer:
             extras.append(out["extras"])
         grad_norm = torch.nn.utils.clip_grad_norm_(self.task.model.parameters(), t.grad_clip)
         finite = bool(torch.isfinite(grad_norm))
+        lr = self.scheduler.get_last_lr()[0]  # the rate this step uses (the scheduler moves on below)
         if finite:
             self.optimizer.step()
-        self.scheduler.step()
+        with warnings.catch_warnings():  # a skipped step still advances the schedule, on purpose
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+            self.scheduler.step()
         self.step += 1
         metrics = self._reduce(sums)
         metrics["grad_norm"] = float(grad_norm)
         metrics["nonfinite"] = 0 if finite else 1
-        metrics["lr"] = self.scheduler.get_last_lr()[0]
+        metrics["lr"] = lr
         metrics.update(self.task.step_metrics([e for e in extras if e is not None]))
         return metrics
 
@@ -312,7 +385,7 @@ class Trainer:
                      desc=self.task.name, progress=t.progress)
         batches = self._batches()
         last: dict = {}
-        nonfinite = 0
+        nonfinite = in_a_row = 0
         window_start, window_seconds = time.perf_counter(), 0.0
         try:
             with _Interrupt() as interrupt:
@@ -321,8 +394,16 @@ class Trainer:
                     window_seconds += m["audio_seconds"]
                     if m["nonfinite"]:
                         nonfinite += 1
+                        in_a_row += 1
                         log.say(f"streamssl: step {self.step}: non-finite gradient (loss {m['loss']}); "
                                 f"the step was skipped ({nonfinite} so far)")
+                        if in_a_row >= t.max_nonfinite_steps:
+                            raise RuntimeError(
+                                f"step {self.step}: {in_a_row} non-finite steps in a row (trainer.max_nonfinite_steps); "
+                                f"stopping. The last checkpoint ({self.ckpt_dir / 'last.pt'}) has finite weights: "
+                                f"lower optim.lr or check the data, then rerun to resume")
+                    else:
+                        in_a_row = 0
                     val = self.validate() if self.step % t.val_every == 0 else None
                     if self.step % t.log_every == 0 or val is not None or self.step == t.max_steps:
                         elapsed = time.perf_counter() - window_start

@@ -25,7 +25,7 @@ from streamssl.data.loader import build_loader
 from streamssl.data.manifest import load_manifest
 from streamssl.ssl.loss import code_usage
 from streamssl.ssl.nest import NEST
-from streamssl.train.loop import Runtime, Trainer, run
+from streamssl.train.loop import Runtime, Trainer, decay_param_groups, run
 
 # Seconds of training audio behind the head's prior (about 20k tokens per 1000 codes at 80 ms).
 PRIOR_SECONDS = 1800.0
@@ -97,6 +97,9 @@ class PretrainTask:
             raise ConfigError(f"data.train_manifest: no utterance of {paths['train']} lies within "
                               f"[{d.min_duration}, {d.max_duration}] s")
         self.noise_index = load_manifest(paths["noise"]) if paths["noise"] else None
+        if self.noise_index is None and cfg.model.augment.prob > 0 and cfg.model.augment.noise_ratio > 0 and rt.is_main:
+            print("streamssl: no data.noise_manifest: augmentation mixes in other utterances of the batch only "
+                  "(set model.augment.prob=0 to train on clean audio)", file=sys.stderr, flush=True)
         self.val_index = (load_manifest(paths["val"], min_duration=d.min_duration, max_duration=d.max_duration)
                           if paths["val"] else None)
         self.sample_rate = cfg.model.features.sample_rate
@@ -108,12 +111,7 @@ class PretrainTask:
 
     # -- set-up ------------------------------------------------------------------------------------
     def param_groups(self) -> list[dict]:
-        decay, no_decay = [], []
-        for p in self.model.parameters():
-            if p.requires_grad:
-                (decay if p.dim() >= 2 else no_decay).append(p)
-        return [{"params": decay, "weight_decay": self.cfg.optim.weight_decay},
-                {"params": no_decay, "weight_decay": 0.0}]
+        return decay_param_groups({"model": self.model}, self.cfg.optim.weight_decay)
 
     def initialise(self) -> None:
         """Fresh run: global feature statistics and the head's prior, from the training data.
