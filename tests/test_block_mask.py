@@ -1,5 +1,5 @@
 """causal_block_mask: reference == CPU kernel bit for bit, the rule's properties, op registration,
-gradients, bad inputs, and CUDA == CPU where a GPU exists (DESIGN.md, "causal_block_mask")."""
+gradients, bad inputs, and CUDA == CPU where a GPU exists (docs/ARCHITECTURE.md, "The two fused ops")."""
 
 from __future__ import annotations
 
@@ -354,7 +354,7 @@ def test_default_mask_fraction_16s():
 def test_offsets_and_seeds_change_the_mask():
     feats, lengths, emb = make_inputs(4, 500, 2, lengths=[500] * 4)
     masks = {(s, o): ops.causal_block_mask(feats, lengths, emb, s, o)[1] for s in (0, 1, 2**32) for o in (0, 1, 2**32)}
-    # offset enters the counter mod 2^32 (DESIGN.md); every other pair gives a different mask.
+    # offset enters the counter mod 2^32 (docs/ARCHITECTURE.md); every other pair gives a different mask.
     for s in (0, 1, 2**32):
         assert torch.equal(masks[(s, 0)], masks[(s, 2**32)])
     distinct = {masks[(s, o)].numpy().tobytes() for s in (0, 1, 2**32) for o in (0, 1)}

@@ -1,4 +1,4 @@
-"""The extension's build and backend selection (DESIGN.md, "The ops"; issue: foundation)."""
+"""The extension's build and backend selection (docs/ARCHITECTURE.md, "The two fused ops")."""
 
 import json
 import os

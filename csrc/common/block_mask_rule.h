@@ -1,4 +1,4 @@
-// The causal block-masking rule of DESIGN.md ("causal_block_mask"), written once for the CPU
+// The causal block-masking rule (docs/ARCHITECTURE.md, "The two fused ops"), written once for the CPU
 // kernel, the CUDA kernel and the CUDA emulator tests. streamssl/ops/reference.py is the same rule
 // in PyTorch; the three must agree bit for bit, so everything here is integer arithmetic or a
 // single float64 operation (no fused multiply-add can change a result).
@@ -154,7 +154,7 @@ struct SerialMaskRow {
 };
 
 // Sequential scan of one utterance with the scalar Philox draw, the rule at its plainest (the
-// C++ unit tests compare it with a literal transcription of DESIGN.md). `mask` (length >=
+// C++ unit tests compare it with a literal transcription of the rule in docs/ARCHITECTURE.md). `mask` (length >=
 // `length`, zero on entry) receives 1 for masked frames.
 template <typename MaskT>
 STREAMSSL_HD void scan_block_mask(const BlockMaskRule& rule, int64_t b, int64_t length,

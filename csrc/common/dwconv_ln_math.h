@@ -2,7 +2,7 @@
 // (csrc/cuda/dwconv_ln.cuh) and the CUDA emulator: the causal tap rule, the tap loop, LayerNorm
 // finishing, Swish and its derivative. Free of PyTorch headers (see common/macros.h).
 //
-// Notation (DESIGN.md, "causal_dwconv_ln"): xp = cat(cache, x) on time, K taps,
+// Notation (docs/ARCHITECTURE.md, "The two fused ops"): xp = cat(cache, x) on time, K taps,
 //   z[t, c]  = bias[c] + sum_j w[c, j] * xp[t + j, c]          (j = 0 .. K-1, in that order)
 //   xhat     = (z - mean_c z) * rstd,  rstd = 1 / sqrt(var_c z + eps)   (biased variance)
 //   h        = xhat * gamma + beta,    y = swish(h) = h * sigmoid(h)  (or y = h)

@@ -1,4 +1,4 @@
-// CPU kernels of causal_dwconv_ln (DESIGN.md, "causal_dwconv_ln"; math in common/dwconv_ln_math.h).
+// CPU kernels of causal_dwconv_ln (docs/ARCHITECTURE.md; math in common/dwconv_ln_math.h).
 //
 // Work is split into (batch, time tile) tasks. A task walks its frames in blocks of 8: the K-tap
 // conv of the 8 frames goes into an L1-resident buffer of 8 x C accumulators (one vector of

@@ -1,4 +1,4 @@
-// CUDA kernels of causal_dwconv_ln, as plain device code (DESIGN.md, "Kernels"): no PyTorch
+// CUDA kernels of causal_dwconv_ln, as plain device code (docs/ARCHITECTURE.md): no PyTorch
 // headers, raw pointers and sizes. The launchers (dwconv_ln.cu) and the CUDA emulator bindings
 // (tests/cuda_emu) both launch them with the configurations computed here.
 //

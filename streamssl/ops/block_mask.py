@@ -1,4 +1,4 @@
-"""causal_block_mask: device-side causal block masking (DESIGN.md, "causal_block_mask")."""
+"""causal_block_mask: device-side causal block masking (docs/ARCHITECTURE.md, "The two fused ops")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""causal_dwconv_ln: cached causal depthwise conv + LayerNorm + Swish (DESIGN.md).
+"""causal_dwconv_ln: cached causal depthwise conv + LayerNorm + Swish (docs/ARCHITECTURE.md).
 
 The public function calls ``torch.ops.streamssl.causal_dwconv_ln`` (C++ and CUDA kernels), or the
 pure-PyTorch reference when the extension does not serve the device. Either way bad arguments

@@ -1,4 +1,4 @@
-"""BEST-RQ random-projection quantizer: clean features -> discrete targets (DESIGN.md, "Pretraining")."""
+"""BEST-RQ random-projection quantizer: clean features -> discrete targets (docs/ARCHITECTURE.md, "Pretraining")."""
 
 from __future__ import annotations
 

@@ -58,7 +58,7 @@ static streamssl::BlockMaskRule make_rule(uint64_t seed, double p, int64_t block
   return r;
 }
 
-// The O(L) sliding-count scan against the rule as DESIGN.md states it (add the block to a copy,
+// The O(L) sliding-count scan against the rule as docs/ARCHITECTURE.md states it (add the block to a copy,
 // count the window, keep the copy if the cap holds), plus the range invariants.
 static void naive_rule(const streamssl::BlockMaskRule& rule, int64_t b, int64_t L,
                        std::vector<unsigned char>& m) {
