@@ -240,7 +240,7 @@ def _run_info(args: argparse.Namespace) -> int:
 
     print(f"streamssl {streamssl.__version__}, torch {torch.__version__}, "
           f"CUDA available: {torch.cuda.is_available()}")
-    print(f"ops backend: {ops.backend()}")
+    print(f"ops backend: {ops.backend()} (" + ", ".join(f"{d}: {b}" for d, b in ops.device_backends().items()) + ")")
     cfg = load_config(args.config, args.overrides)
     from omegaconf import OmegaConf
 

@@ -97,3 +97,20 @@ def test_cpu_only_build(tmp_path):
     """STREAMSSL_NO_CUDA=1 builds the CPU variant even where nvcc exists."""
     out = _probe(STREAMSSL_NO_CUDA="1")
     assert out["backend"] == "cpu" and out["warnings"] == [] and out["ok"]
+
+
+def test_cuda_tensors_on_a_build_without_cuda_warn_once_with_the_fix(monkeypatch):
+    from types import SimpleNamespace
+
+    import streamssl.ops as ops
+
+    monkeypatch.setattr(ops, "backend", lambda: "cpu")
+    monkeypatch.setattr(ops, "_warned_cuda_fallback", False)
+    fake_cuda = SimpleNamespace(device=SimpleNamespace(type="cuda"))
+    with pytest.warns(RuntimeWarning, match="STREAMSSL_BUILD_EXT=1"):
+        assert ops.uses_extension(fake_cuda) is False
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert ops.uses_extension(fake_cuda) is False  # once per process

@@ -107,3 +107,13 @@ def test_an_all_unreadable_batch_goes_through_the_model(corpus, tmp_path):
     m = trainer.train_step(iter([empty]))
     assert calls and m["num_targets"] == 0 and m["skipped"] == 1 and m["nonfinite"] == 0
     assert trainer.model.masking.calls == calls_before + 1  # the masking counter moved on, as on other ranks
+
+
+def test_logged_losses_name_what_they_average(corpus, tmp_path):
+    out = tmp_path / "run"
+    pretrain_trainer(_cfg(corpus, "trainer.max_steps=2", "trainer.accumulate_grad_batches=2"), out).fit()
+    for r in _metrics(out):
+        assert r["loss"] > 0 and r["loss_optimised"] > 0
+    one = tmp_path / "one"
+    pretrain_trainer(_cfg(corpus, "trainer.max_steps=2"), one).fit()
+    assert all(r["loss"] == pytest.approx(r["loss_optimised"], rel=1e-6) for r in _metrics(one))

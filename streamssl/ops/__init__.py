@@ -45,16 +45,48 @@ def backend() -> str:
     return name
 
 
+_warned_cuda_fallback = False
+
+
+def _warn_cuda_fallback(name: str) -> None:
+    """Once per process: CUDA tensors are being served by the slow path, and how to fix it."""
+    global _warned_cuda_fallback
+    if _warned_cuda_fallback:
+        return
+    _warned_cuda_fallback = True
+    why = "no C++ extension could be built" if name == "reference" else "the extension was built without CUDA (no nvcc found)"
+    warnings.warn(
+        f"streamssl: CUDA tensors are running the pure-PyTorch reference ops because {why}: masking and the conv "
+        "module are much slower this way. Install the CUDA toolkit matching your torch (nvcc on PATH or CUDA_HOME) "
+        "and delete ~/.cache/streamssl/build, or build the wheel ahead of time with "
+        "STREAMSSL_BUILD_EXT=1 pip install --no-build-isolation .", RuntimeWarning, stacklevel=3)
+
+
+def device_backends() -> dict[str, str]:
+    """The implementation serving each available device type, e.g. {"cpu": "cpu kernels", "cuda": ...}."""
+    import torch
+
+    name = backend()
+    out = {"cpu": "reference ops (slow)" if name == "reference" else "cpu kernels"}
+    if torch.cuda.is_available():
+        out["cuda"] = "cuda kernels" if name == "cuda+cpu" else "reference ops (slow: no CUDA build)"
+    return out
+
+
 def uses_extension(*tensors) -> bool:
     """Whether the compiled kernels serve these tensors (their device has a kernel)."""
     name = backend()
+    for t in tensors:
+        if t is None:
+            continue
+        if t.device.type == "cuda" and name != "cuda+cpu":
+            _warn_cuda_fallback(name)
+            return False
     if name == "reference":
         return False
     for t in tensors:
         if t is None:
             continue
-        if t.device.type == "cuda" and name != "cuda+cpu":
-            return False
         if t.device.type not in ("cpu", "cuda", "meta"):
             return False
     return True

@@ -324,6 +324,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         sums: dict[str, float] = {"loss": 0.0, "weight": 0.0, "seconds": 0.0, "skipped": 0.0}
         extras = []
+        optimised = 0.0  # what the gradient minimises: the mean of the micro-batches' mean losses
         accum = t.accumulate_grad_batches
         for micro in range(accum):
             raw = next(batches)
@@ -335,6 +336,7 @@ class Trainer:
                 out = self._forward(raw, gen)
                 (out["loss"] / accum).backward()
             w = int(out["weight"])
+            optimised += float(out["loss"].detach()) / accum
             sums["loss"] += float(out["loss"].detach()) * w
             sums["weight"] += w
             for k, v in out["sums"].items():
@@ -352,6 +354,9 @@ class Trainer:
             self.scheduler.step()
         self.step += 1
         metrics = self._reduce(sums)
+        # `loss` weighs every target (token or utterance) alike across micro-batches and ranks;
+        # `loss_optimised` is the objective of the step, each micro-batch's mean weighted alike.
+        metrics["loss_optimised"] = float(self.rt.all_reduce(torch.tensor([optimised], dtype=torch.float64))) / self.rt.world
         metrics["grad_norm"] = float(grad_norm)
         metrics["nonfinite"] = 0 if finite else 1
         metrics["lr"] = lr
