@@ -115,7 +115,11 @@ def test_numpy_features_match_torch_stream_step():
             assert np.abs(fnp - ft.numpy()).max() <= TOL
 
 
-def test_ctc_model_transcripts_are_identical(tmp_path):
+def test_ctc_model_transcripts_are_identical(tmp_path, capsys):
+    import soundfile as sf
+
+    from streamssl.cli import main
+
     from streamssl.asr.model import CTCModel, load_ctc_model, model_state
     from streamssl.asr.tokenizer import Tokenizer
     from streamssl.checkpoint import atomic_save
@@ -136,13 +140,18 @@ def test_ctc_model_transcripts_are_identical(tmp_path):
     ckpt = tmp_path / "run" / "checkpoints" / "last.pt"
     atomic_save({"model": model.state_dict(), **model_state(model, tok)}, ckpt)
     model, tok = load_ctc_model(tmp_path / "run")
-    path = export_stream_onnx(tmp_path / "run", tmp_path / "ctc.onnx", chunks_per_step=2)
+    path = tmp_path / "ctc.onnx"
+    assert main(["export-onnx", "--model", str(tmp_path / "run"), str(path), "--chunks-per-step", "2"]) == 0
     m = OnnxStreamingEncoder(path, att_context_size=[16, 0])
     assert m.output == "log_probs" and m.blank_id == tok.vocab_size and m.vocabulary == tok.pieces()
     want = model.stream(torch.from_numpy(audio), chunks_per_step=2)["tokens"]
     got = m.stream(audio)
     assert len(want) > 3 and got["tokens"] == want
     assert got["text"] == tok.decode(want)
+    sf.write(tmp_path / "a.wav", audio, 16000, subtype="FLOAT")
+    capsys.readouterr()
+    assert main(["stream", "--onnx", str(path), str(tmp_path / "a.wav")]) == 0
+    assert f"transcript: {tok.decode(want)}" in capsys.readouterr().out
     # Log-probs too, against the offline forward (streaming is exact).
     with torch.no_grad():
         lp, n = model(torch.from_numpy(audio)[None], torch.tensor([audio.size]))
