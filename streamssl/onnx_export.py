@@ -52,17 +52,18 @@ class OnnxExportError(ValueError):
     """The model (or the requested context) cannot be exported as a streaming graph."""
 
 
-def _rel_shift(x: torch.Tensor, n_q: int, n_k: torch.Tensor | int) -> torch.Tensor:
+def _rel_shift(x: torch.Tensor, n_q: int, n_k: torch.Tensor | int, H: int) -> torch.Tensor:
     """(B, H, n_q, n_q + n_k - 1) -> (B, H, n_q, n_k): out[..., a, b] = x[..., a, b + n_q - 1 - a].
 
     The flat-view form of ``attention.rel_shift`` (reshape and slice, no strided views): element
-    (a, b) sits at flat index (n_q - 1) + a * (L - 1) + b of the row-major (n_q, L) block.
+    (a, b) sits at flat index (n_q - 1) + a * (L - 1) + b of the row-major (n_q, L) block. With a
+    static n_k the reshapes use constant shapes (no shape arithmetic in the graph).
     """
     if n_q == 1:
         return x
-    B, H, _, L = x.shape
-    flat = x.reshape(B, H, n_q * L)[:, :, n_q - 1 : n_q - 1 + n_q * (L - 1)]
-    return flat.reshape(B, H, n_q, L - 1)[:, :, :, :n_k]
+    L = n_q + n_k - 1
+    flat = x.reshape(-1, H, n_q * L)[:, :, n_q - 1 : n_q - 1 + n_q * (L - 1)]
+    return flat.reshape(-1, H, n_q, L - 1)[:, :, :, :n_k]
 
 
 def _sinusoid(d_hi: torch.Tensor, length: torch.Tensor, d_model: int) -> torch.Tensor:
@@ -148,30 +149,31 @@ class StreamStepGraph(nn.Module):
         lengths = chunk_lengths
         new = []
         for s in range(len(sub.convs)):
-            T = x.shape[2]
+            T = self.chunk_frames >> s  # static sizes: no shape arithmetic in the graph
             valid = torch.arange(T).unsqueeze(0) < lengths.unsqueeze(1)
             x = torch.cat([caches[s], x * valid[:, None, :, None].to(x.dtype)], dim=2)
             new.append(x[:, :, -1:])
             x = sub._stage(s, x)
             lengths = torch.div(lengths + 1, 2, rounding_mode="floor")
-        B, C, T, Fq = x.shape
-        return sub.out(x.permute(0, 2, 1, 3).reshape(B, T, C * Fq)), new
+        # Frames as rows of a 2-D (B * c, D) matrix from here on: every Linear is then one Gemm with
+        # its bias fused (3-D MatMul + Add is two kernels in onnxruntime).
+        return sub.out(x.permute(0, 2, 1, 3).reshape(-1, sub.out.in_features)), new
 
     def _conv(self, conv, x, cache):
-        h = F.glu(conv.pointwise1(x), dim=-1)
+        h = F.glu(conv.pointwise1(x), dim=-1).reshape(-1, self.c, conv.d_model)
         hc = torch.cat([cache, h], dim=1)
-        new_cache = hc[:, hc.shape[1] - (conv.kernel_size - 1) :]
+        new_cache = hc[:, 1 - conv.kernel_size :]
         y = F.conv1d(hc.transpose(1, 2), conv.dw_weight.unsqueeze(1), conv.dw_bias, groups=conv.d_model)
-        y = F.silu(F.layer_norm(y.transpose(1, 2), (conv.d_model,), conv.ln_weight, conv.ln_bias, conv.eps))
+        y = y.transpose(1, 2).reshape(-1, conv.d_model)
+        y = F.silu(F.layer_norm(y, (conv.d_model,), conv.ln_weight, conv.ln_bias, conv.eps))
         return conv.pointwise2(y), new_cache
 
-    def _attend(self, i, block, h, k, v, key_ok):
+    def _attend(self, i, block, x, k, v, key_ok):
         a = block.attn
-        B, n_q, D = h.shape
+        n_q, D = self.c, self.encoder.d_model
         H, dh = a.n_heads, a.d_head
-        n_k = k.shape[2]
-        x = block.norm_att(h)
-        q = a.linear_q(x).view(B, n_q, H, dh).transpose(1, 2)
+        n_k = self.n_cache + n_q if self.n_cache >= 0 else k.shape[2]
+        q = a.linear_q(x).reshape(-1, n_q, H, dh).transpose(1, 2)
         if self.n_cache >= 0:
             p = self.pos_tables[i]  # (H, dh, L)
             allowed = self.ctx_mask.unsqueeze(0) & key_ok.unsqueeze(1)  # (B, n_q, n_k)
@@ -182,12 +184,12 @@ class StreamStepGraph(nn.Module):
             cached = torch.ones(n_q, n_cache, dtype=torch.bool)
             allowed = torch.cat([cached, self.new_mask], dim=1).unsqueeze(0) & key_ok.unsqueeze(1)
         ac = torch.matmul(q + a.pos_bias_u.unsqueeze(1), k.transpose(-2, -1))
-        bd = _rel_shift(torch.matmul(q + a.pos_bias_v.unsqueeze(1), p), n_q, n_k)
+        bd = _rel_shift(torch.matmul(q + a.pos_bias_v.unsqueeze(1), p), n_q, n_k, H)
         scores = (ac + bd) * (1.0 / math.sqrt(dh))
         allowed = allowed.unsqueeze(1)
         scores = scores.masked_fill(~allowed, torch.finfo(torch.float32).min)
         w = torch.softmax(scores, dim=-1).masked_fill(~allowed, 0.0)
-        out = torch.matmul(w, v).transpose(1, 2).reshape(B, n_q, D)
+        out = torch.matmul(w, v).transpose(1, 2).reshape(-1, D)
         return a.linear_out(out)
 
     def forward(self, chunk, chunk_lengths, feat_lengths, processed, *state):
@@ -206,16 +208,19 @@ class StreamStepGraph(nn.Module):
                 k_cache, v_cache = next(it), next(it)
             conv_cache = next(it)
             h = block.pre_attention(x)
-            k_new, v_new = block.attn.project_kv(block.norm_att(h))
+            a = block.attn
+            hn = block.norm_att(h)
+            k_new = a.linear_k(hn).reshape(-1, self.c, a.n_heads, a.d_head).transpose(1, 2)
+            v_new = a.linear_v(hn).reshape(-1, self.c, a.n_heads, a.d_head).transpose(1, 2)
             if self.n_cache != 0:
                 k, v = torch.cat([k_cache, k_new], dim=2), torch.cat([v_cache, v_new], dim=2)
             else:
                 k, v = k_new, v_new
             if pos_k is None:  # absolute position of every key slot, per row (the same for all layers)
-                n_k = k.shape[2]
+                n_k = self.n_cache + self.c if self.n_cache >= 0 else k.shape[2]
                 pos_k = processed.unsqueeze(1) - (n_k - self.c) + torch.arange(n_k).unsqueeze(0)
                 key_ok = (pos_k >= 0) & (pos_k < lengths.unsqueeze(1))
-            x = h + self._attend(i, block, h, k, v, key_ok)
+            x = h + self._attend(i, block, hn, k, v, key_ok)
             cv, conv_cache = self._conv(block.conv, block.norm_conv(x), conv_cache)
             x = block.post_conv(x + cv)
             if self.n_cache > 0:
@@ -223,6 +228,7 @@ class StreamStepGraph(nn.Module):
             elif self.n_cache < 0:
                 new_layers += [k, v]
             new_layers.append(conv_cache)
+        x = x.reshape(-1, self.c, enc.d_model)
         out_lengths = torch.clamp(lengths - processed, 0, self.c)
         valid = torch.arange(self.c).unsqueeze(0) < out_lengths.unsqueeze(1)
         y = x * valid.unsqueeze(-1).to(x.dtype)
