@@ -330,12 +330,21 @@ def _export(enc, features, head, tok, out_path: Path, chunks_per_step: int) -> P
         dyn["next." + name] = {ax: ("B" if v == "B" else "N_out") for ax, v in axes.items()}
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(out_path.name + f".tmp{os.getpid()}")
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(graph, (chunk, lengths, *state), str(tmp), input_names=input_names,
-                          output_names=output_names, dynamic_axes=dyn, opset_version=OPSET, dynamo=False,
-                          do_constant_folding=True)
-    model = onnx.load(str(tmp))
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(graph, (chunk, lengths, *state), str(tmp), input_names=input_names,
+                              output_names=output_names, dynamic_axes=dyn, opset_version=OPSET, dynamo=False,
+                              do_constant_folding=True)
+        _finish(onnx.load(str(tmp)), tmp, out_path, enc, graph, spec, out_name, features, head, tok, chunks_per_step)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out_path
+
+
+def _finish(model, tmp, out_path, enc, graph, spec, out_name, features, head, tok, chunks_per_step) -> None:
+    import onnx
+
     left, right = enc.att_context_size
     meta = {
         "format": FORMAT, "version": str(VERSION),
@@ -360,4 +369,3 @@ def _export(enc, features, head, tok, out_path: Path, chunks_per_step: int) -> P
     onnx.checker.check_model(model)
     onnx.save(model, str(tmp))
     os.replace(tmp, out_path)
-    return out_path
