@@ -274,7 +274,8 @@ def _features_meta(features) -> dict | None:
     return meta
 
 
-def export_stream_onnx(model_or_path, out_path, att_context_size=None, chunks_per_step: int = 1) -> Path:
+def export_stream_onnx(model_or_path, out_path, att_context_size=None, chunks_per_step: int = 1,
+                       quantize: str | None = None) -> Path:
     """Write the streaming step of an encoder (or of a fine-tuned CTC model) as one ONNX graph.
 
     Args:
@@ -285,12 +286,17 @@ def export_stream_onnx(model_or_path, out_path, att_context_size=None, chunks_pe
         att_context_size: (left, right) to export (one the model allows); default the model's.
         chunks_per_step: attention chunks per step (the graph's chunk is fixed:
             ``stream_chunk_frames() * chunks_per_step`` feature frames).
+        quantize: None (float32, equal to PyTorch to ~1e-6) or "int8": onnxruntime dynamic
+            quantisation of every MatMul/Gemm weight (4x smaller, faster at one frame per step;
+            outputs are no longer equal to PyTorch's, measure the WER change for your model).
     Returns:
         ``Path(out_path)``. Metadata (context, chunk, state layout, feature settings with global
         statistics, vocabulary) is stored in the model's ``metadata_props``.
     """
     import onnx  # noqa: F401  (a clear ImportError before any work)
 
+    if quantize not in (None, "int8"):
+        raise OnnxExportError(f"quantize must be None or 'int8', got {quantize!r}")
     if isinstance(chunks_per_step, bool) or not isinstance(chunks_per_step, int) or chunks_per_step < 1:
         raise OnnxExportError(f"chunks_per_step must be an int >= 1, got {chunks_per_step!r}")
     enc, features, head, tok = _load(model_or_path)
@@ -299,10 +305,36 @@ def export_stream_onnx(model_or_path, out_path, att_context_size=None, chunks_pe
         if att_context_size is not None:
             enc.set_default_att_context_size(att_context_size)
         enc.eval()
-        return _export(enc, features, head, tok, Path(out_path), chunks_per_step)
+        path = _export(enc, features, head, tok, Path(out_path), chunks_per_step)
     finally:
         enc.set_default_att_context_size(saved_ctx)
         enc.train(saved_training)
+    if quantize == "int8":
+        _quantize_int8(path)
+    return path
+
+
+def _quantize_int8(path: Path) -> None:
+    """Dynamic int8 quantisation of the MatMul/Gemm weights in place (metadata kept)."""
+    import logging
+
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    tmp = path.with_name(path.name + f".int8tmp{os.getpid()}")
+    try:
+        logging.disable(logging.WARNING)  # its advice to run shape pre-processing is for CNNs
+        try:
+            quantize_dynamic(str(path), str(tmp), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
+        finally:
+            logging.disable(logging.NOTSET)
+        model = onnx.load(str(tmp))
+        onnx.helper.set_model_props(model, {**meta, "quantize": "int8"})
+        onnx.save(model, str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _export(enc, features, head, tok, out_path: Path, chunks_per_step: int) -> Path:

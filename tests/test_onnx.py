@@ -93,6 +93,19 @@ def test_stale_or_foreign_state_and_context_are_refused(tmp_path):
         export_stream_onnx(tiny([-1, 2], att_context_style="regular"), tmp_path / "c.onnx")
 
 
+def test_int8_export_runs_and_is_marked(tmp_path):
+    enc = tiny([16, 0])
+    m = OnnxStreamingEncoder(export_stream_onnx(enc, tmp_path / "q.onnx", quantize="int8"))
+    assert m.metadata["quantize"] == "int8" and m.att_context_size == (16, 0)
+    x = np.random.default_rng(0).standard_normal((2, 16, F_IN)).astype(np.float32)
+    y, yl, _ = m.stream_step(x, np.array([16, 9]), m.init_stream_state(2))
+    with torch.no_grad():
+        want, _, _ = enc.stream_step(torch.from_numpy(x), torch.tensor([16, 9]), enc.init_stream_state(2))
+    assert yl.tolist() == [2, 2] and np.isfinite(y).all() and np.abs(y - want.numpy()).max() < 0.5
+    with pytest.raises(OnnxExportError, match="quantize"):
+        export_stream_onnx(enc, tmp_path / "x.onnx", quantize="int4")
+
+
 def test_runtime_does_not_import_torch():
     code = "import sys, streamssl.runtime; assert 'torch' not in sys.modules, 'torch was imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
