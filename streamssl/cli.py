@@ -145,6 +145,8 @@ def _args_transcribe(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunks-per-step", type=int, default=1, help="encoder chunks per streaming step")
     p.add_argument("--batch-seconds", type=float, default=120.0, help="audio per offline batch")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--onnx", action="store_true",
+                   help="--model is a graph from `streamssl export-onnx`: stream it with onnxruntime")
 
 
 def _run_transcribe(args: argparse.Namespace) -> int:
@@ -210,7 +212,8 @@ def _run_export_onnx(args: argparse.Namespace) -> int:
     m = OnnxStreamingEncoder(path)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB): {m.output}, att_context_size={list(m.att_context_size)} "
           f"({m.att_context_style}), {m.chunk_frames} feature frames ({m.chunk_frames * 10} ms) per step, "
-          f"state {m.init_stream_state(1).nbytes_per_stream() / 1e6:.2f} MB per stream")
+          f"state {m.init_stream_state(1).nbytes_per_stream() / 1e6:.2f} MB per stream"
+          + (" at the start (left = -1: keys and values grow with the stream)" if m.att_context_size[0] < 0 else ""))
     return 0
 
 

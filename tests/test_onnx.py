@@ -161,10 +161,14 @@ def test_ctc_model_transcripts_are_identical(tmp_path, capsys):
     got = m.stream(audio)
     assert len(want) > 3 and got["tokens"] == want
     assert got["text"] == tok.decode(want)
+    for ids in ([0, 5, 0], [5, 0, 7, 39, 40], list(range(40))):  # <unk>, the blank, every piece
+        assert m.decode(ids) == tok.decode(ids)
     sf.write(tmp_path / "a.wav", audio, 16000, subtype="FLOAT")
     capsys.readouterr()
     assert main(["stream", "--onnx", str(path), str(tmp_path / "a.wav")]) == 0
     assert f"transcript: {tok.decode(want)}" in capsys.readouterr().out
+    assert main(["transcribe", "--onnx", "--model", str(path), str(tmp_path / "a.wav")]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == f"{tmp_path / 'a.wav'}\t{tok.decode(want)}"
     # Log-probs too, against the offline forward (streaming is exact).
     with torch.no_grad():
         lp, n = model(torch.from_numpy(audio)[None], torch.tensor([audio.size]))

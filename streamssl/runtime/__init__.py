@@ -275,10 +275,21 @@ class OnnxStreamingEncoder:
     # ---- audio in, tokens out -------------------------------------------------------------------
 
     def decode(self, tokens) -> str:
-        """Text of piece ids (sentencepiece pieces joined, "▁" as a space)."""
+        """Text of piece ids as sentencepiece decodes them: "▁" is a space (not before the first
+        piece), ``<unk>`` is " ⁇ ", ids outside the vocabulary (the blank) are dropped."""
         if self.vocabulary is None:
             raise ValueError(f"{self.path} has no vocabulary (export a fine-tuned model)")
-        return "".join(self.vocabulary[t] for t in tokens if 0 <= t < len(self.vocabulary)).replace("\u2581", " ").strip()
+        out = []
+        for t in tokens:
+            if not 0 <= t < len(self.vocabulary):
+                continue
+            piece = self.vocabulary[t]
+            if piece == "<unk>":
+                out.append(" \u2047 ")
+                continue
+            text = piece.replace("\u2581", " ")
+            out.append(text[1:] if not out and text.startswith(" ") else text)
+        return "".join(out)
 
     def stream(self, audio: np.ndarray, on_tokens=None) -> dict:
         """Stream one utterance ((N,) float audio at the feature rate) through features, the graph
