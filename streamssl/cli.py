@@ -145,6 +145,8 @@ def _args_transcribe(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunks-per-step", type=int, default=1, help="encoder chunks per streaming step")
     p.add_argument("--batch-seconds", type=float, default=120.0, help="audio per offline batch")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--onnx", action="store_true",
+                   help="--model is a graph from `streamssl export-onnx`: stream it with onnxruntime")
 
 
 def _run_transcribe(args: argparse.Namespace) -> int:
@@ -184,6 +186,37 @@ def _run_export_encoder(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- export-onnx -----------------------------------------------------------------------------------
+def _args_export_onnx(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, metavar="DIR|FILE",
+                   help="fine-tuned run/checkpoint (graph outputs CTC log-probs), pretraining checkpoint or exported encoder")
+    p.add_argument("out", metavar="OUT.onnx", help="ONNX file to write (run it with streamssl.runtime)")
+    p.add_argument("--att-context-size", default=None, metavar="L,R", help="context to export (a trained one)")
+    p.add_argument("--chunks-per-step", type=int, default=1, help="attention chunks per step (the graph's fixed chunk)")
+    p.add_argument("--int8", action="store_true",
+                   help="int8 weights (onnxruntime dynamic quantisation): smaller and faster, not bit-equal to PyTorch")
+
+
+def _run_export_onnx(args: argparse.Namespace) -> int:
+    from streamssl.onnx_export import export_stream_onnx
+    from streamssl.runtime import OnnxStreamingEncoder
+
+    pair = None
+    if args.att_context_size:
+        try:
+            pair = [int(v) for v in args.att_context_size.split(",")]
+        except ValueError:
+            raise ValueError(f"--att-context-size: expected L,R, got {args.att_context_size!r}") from None
+    path = export_stream_onnx(args.model, args.out, att_context_size=pair, chunks_per_step=args.chunks_per_step,
+                              quantize="int8" if args.int8 else None)
+    m = OnnxStreamingEncoder(path)
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB): {m.output}, att_context_size={list(m.att_context_size)} "
+          f"({m.att_context_style}), {m.chunk_frames} feature frames ({m.chunk_frames * 10} ms) per step, "
+          f"state {m.init_stream_state(1).nbytes_per_stream() / 1e6:.2f} MB per stream"
+          + (" at the start (left = -1: keys and values grow with the stream)" if m.att_context_size[0] < 0 else ""))
+    return 0
+
+
 # -- stream ----------------------------------------------------------------------------------------
 def _args_stream(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", metavar="CKPT", help="exported encoder or pretraining checkpoint")
@@ -192,9 +225,13 @@ def _args_stream(p: argparse.ArgumentParser) -> None:
                    help="context to stream with (one of the trained ones); default: the first")
     p.add_argument("--chunks-per-step", type=int, default=1, help="encoder chunks fed per step")
     p.add_argument("--threads", type=int, default=1, help="CPU threads (1: as on a device)")
+    p.add_argument("--onnx", action="store_true",
+                   help="CKPT is a graph from `streamssl export-onnx`: run it with onnxruntime (streamssl.runtime)")
 
 
 def _run_stream(args: argparse.Namespace) -> int:
+    if args.onnx:
+        return _run_stream_onnx(args)
     import torch
 
     from streamssl.data.audio import load_audio
@@ -221,6 +258,33 @@ def _run_stream(args: argparse.Namespace) -> int:
           f"({args.threads} thread(s))")
     print(f"real-time factor: {r['rtf']:.3f}")
     print(f"encoder frames: {r['output'].shape[0]}; streaming vs offline max |diff| = {r['max_abs_diff']:.2e}")
+    return 0
+
+
+def _run_stream_onnx(args: argparse.Namespace) -> int:
+    from streamssl.data.audio import load_audio
+    from streamssl.runtime import OnnxStreamingEncoder
+
+    if args.att_context_size or args.chunks_per_step != 1:
+        raise ValueError("--onnx: the context and chunk are fixed at export (streamssl export-onnx --att-context-size, "
+                         "--chunks-per-step)")
+    m = OnnxStreamingEncoder(args.checkpoint, threads=args.threads)
+    if m.features is None:
+        raise ValueError(f"{args.checkpoint}: exported from a bare encoder without feature settings; "
+                         "export a checkpoint or exported encoder file instead")
+    r = m.stream(load_audio(args.audio, sample_rate=m.features.sample_rate))
+    steps = sorted(r["step_ms"])
+    p95 = steps[min(len(steps) - 1, int(0.95 * len(steps)))] if steps else float("nan")
+    print(f"audio: {args.audio} ({r['seconds']:.2f} s), att_context_size={list(m.att_context_size)} "
+          f"({m.att_context_style}), onnxruntime")
+    print(f"chunk: {r['chunk_ms']:.0f} ms of audio per step; algorithmic lookahead {r['lookahead_ms']:.0f} ms, "
+          f"latency {r['latency_ms']:.0f} ms")
+    print(f"compute per step: mean {sum(steps) / max(len(steps), 1):.2f} ms, p95 {p95:.2f} ms over {len(steps)} steps "
+          f"({args.threads} thread(s)); stream state {r['state_bytes'] / 1e6:.2f} MB")
+    print(f"real-time factor: {r['rtf']:.3f}")
+    print(f"output frames: {r['output'].shape[0]}")
+    if "tokens" in r:
+        print(f"transcript: {r.get('text', r['tokens'])}")
     return 0
 
 
@@ -266,6 +330,8 @@ COMMANDS: dict[str, Command] = {
     "plot": Command("training and validation curves of a run as PNG files", _args_plot, _run_plot),
     "export-encoder": Command("write the encoder of a pretraining checkpoint for fine-tuning",
                               _args_export_encoder, _run_export_encoder),
+    "export-onnx": Command("write the streaming step (with its CTC head, if any) as one ONNX graph",
+                           _args_export_onnx, _run_export_onnx),
     "stream": Command("stream an audio file chunk by chunk through an encoder; latency and RTF",
                       _args_stream, _run_stream),
     "info": Command("ops backend, and the chunk size / lookahead / latency of a recipe", _args_info, _run_info),

@@ -106,6 +106,40 @@ def transcribe_streaming(model: CTCModel, tokenizer, items: list[dict], chunks_p
     return hyps, steps
 
 
+def transcribe_onnx(model, items: list[dict], partial=None, on_result=None) -> tuple[list[str], list[float]]:
+    """``transcribe_streaming`` with an exported graph (``streamssl.runtime.OnnxStreamingEncoder``)."""
+    sr = model.features.sample_rate
+    need = model.subsampling_factor * model.features.hop_length
+    hyps, steps = [], []
+    for i, item in enumerate(items):
+        audio = _load(item, sr)
+        if audio.shape[0] < need:
+            raise ValueError(f"{item['audio_filepath']}: {audio.shape[0] / sr * 1000:.0f} ms of audio is shorter "
+                             f"than one encoder frame ({need * 1000 // sr} ms)")
+        cb = (lambda ids: partial(item["audio_filepath"], model.decode(ids))) if partial else None
+        r = model.stream(audio, on_tokens=cb)
+        hyps.append(r["text"])
+        steps += r["step_ms"]
+        if on_result is not None:
+            on_result(i, hyps[-1])
+    return hyps, steps
+
+
+def _load_onnx(args):
+    from streamssl.runtime import OnnxStreamingEncoder
+
+    if args.chunks_per_step != 1:
+        raise ValueError("--onnx: the chunk is fixed at export (streamssl export-onnx --chunks-per-step)")
+    pair = None
+    if args.att_context_size:
+        pair = [int(v) for v in args.att_context_size.split(",")]
+    m = OnnxStreamingEncoder(args.model, threads=args.threads or 1, att_context_size=pair)
+    if m.output != "log_probs" or m.vocabulary is None or m.features is None:
+        raise ValueError(f"{args.model}: not a fine-tuned model's graph (export one with "
+                         "`streamssl export-onnx --model RUN_DIR`)")
+    return m
+
+
 def write_predictions(path: str, items: list[dict], hyps: list[str]) -> None:
     """JSON lines: each input line (or ``audio_filepath``) plus ``pred_text``; atomic."""
     out = Path(path)
@@ -124,15 +158,19 @@ def transcribe_command(args) -> int:
         torch.set_num_threads(args.threads)
     if args.chunks_per_step < 1:
         raise ValueError(f"--chunks-per-step must be >= 1, got {args.chunks_per_step}")
-    model, tokenizer = load_ctc_model(args.model)
-    if args.att_context_size:
+    onnx = getattr(args, "onnx", False)
+    if onnx:
+        model, tokenizer = _load_onnx(args), None
+    else:
+        model, tokenizer = load_ctc_model(args.model)
+    if args.att_context_size and not onnx:
         try:
             pair = [int(v) for v in args.att_context_size.split(",")]
         except ValueError:
             raise ValueError(f"--att-context-size: expected L,R, got {args.att_context_size!r}") from None
         model.encoder.set_default_att_context_size(pair)
     items, has_text = read_inputs(args.audio, args.manifest)
-    live = args.streaming and sys.stdout.isatty()
+    live = (args.streaming or onnx) and sys.stdout.isatty()
 
     def partial(path, text):
         if live:
@@ -144,15 +182,22 @@ def transcribe_command(args) -> int:
         print(f"{prefix}{items[i]['audio_filepath']}\t{hyp}", flush=True)
 
     t0 = time.perf_counter()
-    if args.streaming:
+    if onnx:
+        hyps, steps = transcribe_onnx(model, items, partial, on_result)
+    elif args.streaming:
         hyps, steps = transcribe_streaming(model, tokenizer, items, args.chunks_per_step, partial, on_result)
     else:
         hyps, steps = transcribe_offline(model, tokenizer, items, args.batch_seconds, on_result), []
     elapsed = time.perf_counter() - t0
     seconds = sum(float(it.get("_duration", 0.0)) for it in items) or None
-    enc = model.encoder
-    print(f"att_context_size={list(enc.att_context_size)}: chunk {enc.chunk_ms() * args.chunks_per_step:.0f} ms, "
-          f"lookahead {enc.lookahead_ms():.0f} ms, algorithmic latency {enc.latency_ms():.0f} ms", file=sys.stderr)
+    if onnx:
+        chunk_ms = model.chunk_frames * model.features.hop_length * 1000 / model.features.sample_rate
+        print(f"att_context_size={list(model.att_context_size)} (onnxruntime): chunk {chunk_ms:.0f} ms, "
+              f"lookahead {model.lookahead_ms:.0f} ms, algorithmic latency {model.latency_ms:.0f} ms", file=sys.stderr)
+    else:
+        enc = model.encoder
+        print(f"att_context_size={list(enc.att_context_size)}: chunk {enc.chunk_ms() * args.chunks_per_step:.0f} ms, "
+              f"lookahead {enc.lookahead_ms():.0f} ms, algorithmic latency {enc.latency_ms():.0f} ms", file=sys.stderr)
     if steps:
         s = sorted(steps)
         print(f"streaming: {len(s)} steps, compute per step mean {sum(s) / len(s):.2f} ms, "
