@@ -188,6 +188,18 @@ class Runtime:
             dist.barrier()
 
 
+def _adamw(groups: list[dict], **kwargs) -> torch.optim.Optimizer:
+    """AdamW, fused where this torch has it for these parameters (CPU and CUDA float tensors).
+
+    The fused kernel updates every tensor in one pass: about 4x faster than the per-parameter loop
+    for the small encoder on CPU (bench/RESULTS.md), with the same update rule.
+    """
+    try:
+        return torch.optim.AdamW(groups, fused=True, **kwargs)
+    except (RuntimeError, TypeError, ValueError):  # an older torch or an unsupported device/dtype
+        return torch.optim.AdamW(groups, **kwargs)
+
+
 class Trainer:
     """Runs a task to ``trainer.max_steps``: ``Trainer(cfg, runtime, task).fit()``.
 
@@ -201,7 +213,7 @@ class Trainer:
         self.cfg, self.rt, self.task = cfg, runtime, task
         self.out, self.device = runtime.out, runtime.device
         o = cfg.optim
-        self.optimizer = torch.optim.AdamW(task.param_groups(), lr=o.lr, betas=tuple(o.betas))
+        self.optimizer = _adamw(task.param_groups(), lr=o.lr, betas=tuple(o.betas))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, noam_lambda(o.warmup_steps, o.lr, o.min_lr))
         self.step = 0
         self.ckpt_dir = self.out / "checkpoints"
