@@ -326,3 +326,25 @@ def test_bad_inputs_name_the_argument():
         tiny(subsampling_factor=6)
     with pytest.raises(ValueError, match="n_heads"):
         tiny(n_heads=5)
+
+
+def test_subsampling_layout_change_keeps_the_nchw_result():
+    """The channels_last stages compute what plain NCHW convolutions compute (float32 tolerance)."""
+    import torch.nn.functional as F
+
+    from streamssl.nn.subsampling import _CACHE, CausalStridingSubsampling
+
+    torch.manual_seed(0)
+    m = CausalStridingSubsampling(80, 64, 8, 32)
+    feats, lengths = torch.randn(3, 101, 80), torch.tensor([101, 64, 9])
+    y, _ = m(feats, lengths)
+    x, lens = feats.unsqueeze(1), lengths.clone()
+    for s in range(len(m.convs)):
+        valid = torch.arange(x.shape[2]) < lens.unsqueeze(1)
+        x = F.pad(x.masked_fill(~valid[:, None, :, None], 0.0), (0, 0, _CACHE, 1)).contiguous()
+        c = m.convs[s]
+        x = F.conv2d(x, c.weight, c.bias, c.stride, c.padding, groups=c.groups).contiguous()
+        x = F.relu(m.pointwise[s](x).contiguous())
+        lens = (lens + 1) // 2
+    ref = m._project(x)
+    assert torch.allclose(y, ref, atol=1e-5, rtol=1e-5)
