@@ -80,6 +80,14 @@ class TarredIndex:
         """The tar member name of row ``i`` (the basename of its ``audio_filepath``, as NeMo matches it)."""
         return os.path.basename(self.index.path(i))
 
+    def seeded_shards(self, seconds: float, seed: int = 0) -> "TarredIndex":
+        """The rows of whole shards, taken in a seeded order until ``seconds`` of audio are covered
+        (a sample for statistics that reads a few shards front to back, not members everywhere)."""
+        sec = self.shard_seconds
+        order = np.random.default_rng(seed).permutation(len(self.shards))
+        n = int(np.searchsorted(np.cumsum(sec[order]), seconds)) + 1
+        return self.subset(np.isin(self.shard_ids, order[:n]))
+
     def subset(self, keep: np.ndarray) -> "TarredIndex":
         keep = np.flatnonzero(keep) if np.asarray(keep).dtype == bool else np.asarray(keep)
         return TarredIndex(self.index.subset(keep), self.shard_ids[keep], self.shards)

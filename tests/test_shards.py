@@ -1,0 +1,209 @@
+"""Tar shards in NeMo's tarred layout: writing, streaming, exact resume, rank sharding, corrupt members."""
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from streamssl.cli import main as cli_main
+from streamssl.config import load_config
+from streamssl.data.audio import AudioReadError
+from streamssl.data.demo import make_demo_corpus
+from streamssl.data.manifest import load_manifest
+from streamssl.data.shard_loader import assign_shards, build_shard_loader, load_tarred_manifest
+from streamssl.data.shards import expand_shard_pattern, write_shards
+from streamssl.train import pretrain_trainer as Trainer
+
+from test_pretrain import FAST, _metrics
+
+KEY = "data.train_tarred_audio_filepaths"
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return make_demo_corpus(tmp_path_factory.mktemp("demo"), n_train=24, n_val=4, n_noise=2)
+
+
+@pytest.fixture(scope="module")
+def shards(corpus, tmp_path_factory):
+    return write_shards(corpus.train, tmp_path_factory.mktemp("shards"), num_shards=4)
+
+
+def _loader(shards, **kw):
+    kw.setdefault("batch_seconds", 24)
+    kw.setdefault("seed", 5)
+    return build_shard_loader(load_tarred_manifest(shards.manifest, shards.pattern), **kw)
+
+
+def test_written_shards_have_nemos_layout(corpus, shards):
+    root = Path(shards.manifest).parent
+    assert sorted(p.name for p in root.glob("*.tar")) == [f"audio_{i}.tar" for i in range(4)]
+    assert shards.pattern == str(root / "audio__OP_0..3_CL_.tar")
+    assert expand_shard_pattern(str(root / "audio_{0..3}.tar")) == shards.shards
+    lines = [json.loads(x) for x in Path(shards.manifest).read_text().splitlines()]
+    source = {Path(json.loads(x)["audio_filepath"]).stem: json.loads(x)
+              for x in Path(corpus.train).read_text().splitlines()}
+    assert len(lines) == 24
+    for s in range(4):
+        with tarfile.open(root / f"audio_{s}.tar") as tar:
+            names = tar.getnames()
+        mine = [x for x in lines if x["shard_id"] == s]
+        assert names == [x["audio_filepath"] for x in mine]  # manifest order = member order
+        for x in mine:
+            src = source[Path(x["audio_filepath"]).stem]
+            assert x["text"] == src["text"] and x["duration"] == pytest.approx(src["duration"], abs=1e-4)
+    # Duration-balanced: shards differ by less than the longest utterance.
+    assert max(shards.seconds) - min(shards.seconds) < max(x["duration"] for x in lines)
+
+
+def test_shard_cli(corpus, tmp_path, capsys):
+    assert cli_main(["shard", corpus.train, str(tmp_path / "out"), "--target-mb", "0.5", "--format", "wav"]) == 0
+    out = capsys.readouterr().out
+    assert "data.train_tarred_audio_filepaths=" in out
+    with tarfile.open(tmp_path / "out" / "audio_0.tar") as tar:
+        assert tar.getnames()[0].endswith(".wav")
+    assert len(list((tmp_path / "out").glob("audio_*.tar"))) >= 2
+
+
+def test_one_epoch_reads_every_member_once_and_matches_the_files(corpus, shards):
+    loader = _loader(shards, noise_index=load_manifest(corpus.noise))
+    tindex = loader.dataset.tindex
+    seen = []
+    for b in loader:
+        assert b["noise"].shape == b["audio"].shape and b["skipped"] == []
+        assert float(b["audio"].abs().sum()) > 0
+        for r, i in enumerate(b["indices"].tolist()):
+            n = int(b["audio_lengths"][r])
+            assert n == round(tindex.index.durations[i] * 16000)
+        seen += b["indices"].tolist()
+    assert sorted(seen) == list(range(24))
+    assert loader.epoch == 1 and loader.position == 0
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_loader_resumes_exactly_mid_epoch(shards, workers):
+    def run(loader):
+        return [(b["indices"].tolist(), float(b["audio"].sum())) for b in loader]
+
+    full = run(_loader(shards, num_workers=workers, shuffle_buffer=5))
+    for k in (1, len(full) // 2, len(full) - 1):
+        first = _loader(shards, num_workers=workers, shuffle_buffer=5)
+        it = iter(first)
+        for _ in range(k):
+            next(it)
+        state = first.state_dict()
+        del it
+        assert state["position"] == k and len(state["streams"]) == max(workers, 1)
+        for st in state["streams"]:  # shard order, shard index, member offset per worker
+            assert set(st) == {"shards", "shard_index", "member_offset"}
+        again = _loader(shards, num_workers=workers, shuffle_buffer=5)
+        again.load_state_dict(state)
+        assert run(again) == full[k:], k
+    other = _loader(shards, num_workers=workers, shuffle_buffer=5, seed=6)
+    with pytest.raises(ValueError, match="seed"):
+        other.load_state_dict(state)
+
+
+def test_two_ranks_read_disjoint_shards(shards):
+    sec = load_tarred_manifest(shards.manifest, shards.pattern).shard_seconds
+    for epoch in range(3):
+        plan = assign_shards(sec, world_size=2, num_workers=2, seed=1, epoch=epoch)
+        flat = [s for rank in plan for worker in rank for s in worker]
+        assert sorted(flat) == [0, 1, 2, 3]  # each shard read by exactly one (rank, worker)
+        assert [len([s for w in rank for s in w]) for rank in plan] == [2, 2]
+    with pytest.raises(ValueError, match=KEY):
+        assign_shards(sec, world_size=5)
+    # Through the loaders: disjoint utterances, all of them, the same number of batches per rank.
+    loaders = [_loader(shards, rank=r, world_size=2) for r in range(2)]
+    got = [[i for b in loader for i in b["indices"].tolist()] for loader in loaders]
+    assert len(loaders[0]) == len(loaders[1])
+    assert not set(got[0]) & set(got[1]) and sorted(got[0] + got[1]) == list(range(24))
+    tindex = loaders[0].dataset.tindex
+    shards_of = [set(tindex.shard_ids[g].tolist()) for g in got]
+    assert not shards_of[0] & shards_of[1]
+
+
+def _corrupt_member(shards, tmp_path) -> tuple[str, str, str]:
+    """A copy of the shard set whose shard 1 has one member's bytes replaced by garbage."""
+    out = tmp_path / "bad"
+    out.mkdir()
+    for s, path in enumerate(shards.shards):
+        with tarfile.open(path) as src, tarfile.open(out / f"audio_{s}.tar", "w") as dst:
+            for m in src.getmembers():
+                data = src.extractfile(m).read()
+                if s == 1 and m.name == src.getnames()[0]:
+                    bad = m.name
+                    data = (b"garbage!" * len(data))[:len(data)]
+                dst.addfile(m, io.BytesIO(data))
+    (out / "tarred_audio_manifest.json").write_text(Path(shards.manifest).read_text())
+    return str(out / "tarred_audio_manifest.json"), str(out / "audio_{0..3}.tar"), bad
+
+
+def test_a_corrupt_member_is_skipped_and_counted(shards, tmp_path):
+    manifest, pattern, bad = _corrupt_member(shards, tmp_path)
+    loader = build_shard_loader(load_tarred_manifest(manifest, pattern), batch_seconds=24, seed=5)
+    seen, skipped = [], []
+    for b in loader:
+        seen += b["indices"].tolist()
+        skipped += b["skipped"]
+    assert len(seen) == 23 and loader.num_skipped == 1
+    assert skipped[0][0].endswith(f"audio_1.tar:{bad}")
+    strict = build_shard_loader(load_tarred_manifest(manifest, pattern), batch_seconds=24, seed=5, strict=True)
+    with pytest.raises(AudioReadError, match=bad):
+        for _ in strict:
+            pass
+
+
+def test_a_truncated_shard_skips_its_missing_members(shards, tmp_path):
+    out = tmp_path / "trunc"
+    out.mkdir()
+    for s, path in enumerate(shards.shards):
+        data = Path(path).read_bytes()
+        (out / f"audio_{s}.tar").write_bytes(data[:len(data) // 2] if s == 2 else data)
+    (out / "m.json").write_text(Path(shards.manifest).read_text())
+    loader = build_shard_loader(load_tarred_manifest(str(out / "m.json"), str(out / "audio__OP_0..3_CL_.tar")),
+                                batch_seconds=24, seed=5)
+    n = sum(b["audio"].shape[0] for b in loader)
+    n_in_shard_2 = sum(1 for x in Path(shards.manifest).read_text().splitlines() if json.loads(x)["shard_id"] == 2)
+    assert 0 < loader.num_skipped <= n_in_shard_2 and n + loader.num_skipped == 24
+
+
+@pytest.mark.parametrize("pattern, match", [
+    ("audio__OP_0..3.tar", "unbalanced"),
+    ("audio__OP_3..0_CL_.tar", "empty range"),
+    ("audio__OP_0..9_CL_.tar", "not found"),
+])
+def test_a_bad_pattern_names_the_key(shards, pattern, match, tmp_path):
+    full = str(Path(shards.manifest).parent / pattern)
+    with pytest.raises(ValueError, match=f"{KEY}.*{match}"):
+        load_tarred_manifest(shards.manifest, full)
+    cfg = load_config("demo", FAST + [f"data.train_manifest={shards.manifest}", f"{KEY}={full}"])
+    with pytest.raises(ValueError, match=KEY):
+        Trainer(cfg, tmp_path / "run")
+
+
+def test_a_shard_id_beyond_the_pattern_names_the_key(shards):
+    two = str(Path(shards.manifest).parent / "audio_{0..1}.tar")
+    with pytest.raises(ValueError, match=f"shard_id 2 but {KEY} names 2 shard"):
+        load_tarred_manifest(shards.manifest, two)
+
+
+def test_training_from_shards_resumes_exactly(corpus, shards, tmp_path):
+    """A NeMo-layout tarred dataset trains without conversion; a run stopped at step 2 and rerun
+    logs exactly the losses of an uninterrupted 4-step run."""
+    base = FAST + [f"data.train_manifest={shards.manifest}", f"{KEY}={shards.pattern}",
+                   f"data.val_manifest={corpus.val}", f"data.noise_manifest={corpus.noise}",
+                   "data.num_workers=1", "data.shuffle_buffer=6", "trainer.ckpt_every=2", "trainer.val_every=1000"]
+    full, split = tmp_path / "full", tmp_path / "split"
+    Trainer(load_config("demo", base + ["trainer.max_steps=4"]), full).fit()
+    Trainer(load_config("demo", base + ["trainer.max_steps=2"]), split).fit()
+    Trainer(load_config("demo", base + ["trainer.max_steps=4"]), split).fit()  # resumes at step 2
+    a, b = _metrics(full), _metrics(split)
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    for ra, rb in zip(a, b):
+        for key in ("loss", "acc", "num_targets", "audio_seconds"):
+            assert ra[key] == rb[key], (ra["step"], key, ra[key], rb[key])
+    assert all(np.isfinite(r["loss"]) for r in a)
