@@ -207,3 +207,24 @@ def test_training_from_shards_resumes_exactly(corpus, shards, tmp_path):
         for key in ("loss", "acc", "num_targets", "audio_seconds"):
             assert ra[key] == rb[key], (ra["step"], key, ra[key], rb[key])
     assert all(np.isfinite(r["loss"]) for r in a)
+
+
+def test_reader_memory_is_bounded_by_the_shuffle_buffer(shards):
+    peak = {}
+    for buf in (2, 24):
+        loader = _loader(shards, shuffle_buffer=buf)
+        assert sum(b["audio"].shape[0] for b in loader) == 24
+        peak[buf] = loader.dataset.peak_held_bytes
+    total = sum(Path(p).stat().st_size for p in shards.shards)
+    assert 0 < peak[2] < peak[24] / 3 and peak[2] < total / 4, (peak, total)
+
+
+def test_global_statistics_come_from_the_shards(corpus, shards, tmp_path):
+    out = tmp_path / "run"
+    cfg = load_config("demo", FAST + [f"data.train_manifest={shards.manifest}", f"{KEY}={shards.pattern}",
+                                      "model.features.normalize=global", "data.num_workers=0",
+                                      "trainer.max_steps=1", "trainer.val_every=1000"])
+    Trainer(cfg, out).fit()
+    stats = json.loads((out / "feature_stats.json").read_text())
+    assert stats["frames"] > 1000 and stats["skipped"] == 0
+    assert _metrics(out)[-1]["step"] == 1

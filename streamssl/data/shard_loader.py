@@ -231,6 +231,8 @@ class ShardStreamDataset(IterableDataset):
                                          noise_cache_mb=noise_cache_mb) if noise_index is not None else None)
         self.epoch, self.position = 0, 0
         self._plan_cache: tuple[int, _RankPlan] | None = None
+        # Most member bytes a reader held at once (this process's readers: num_workers=0).
+        self.peak_held_bytes = 0
         # Assigning shards needs at least one per rank: fail at construction, not mid-run.
         assign_shards(self._shard_seconds, self.world_size, 1, seed=seed, epoch=0, shuffle=shuffle)
 
@@ -279,6 +281,9 @@ class ShardStreamDataset(IterableDataset):
                 b = streams[w].batches[j]
                 streams[w].batches[j:j + 1] = [b[:b.shape[0] // 2], b[b.shape[0] // 2:]]
             need -= len(pick)
+        if need > 0 and not any(s.batches for s in streams):
+            raise ValueError(f"{KEY}: rank {self.rank} was dealt shards {[s.shards for s in streams]} in epoch {epoch}, "
+                             f"which hold no utterance within the duration filter; other ranks have batches")
         w = 0
         while need > 0:  # fewer utterances than batches needed: repeat a worker's last batch
             if streams[w].batches:
@@ -382,6 +387,7 @@ class _ShardReader:
                 key = self._key(p)
                 self.uses[key] = self.uses.get(key, 0) + 1
         self.held: dict[tuple[int, str], bytes] = {}
+        self.held_bytes = 0
         self.cur = start_shard  # shard index being read
         self.done_reason: dict[int, str] = {}  # finished shards -> why a member could be absent
         self._tar = None
@@ -413,6 +419,8 @@ class _ShardReader:
             if m.isfile() and key in self.uses and key not in self.held:
                 f = self._tar.extractfile(m)
                 self.held[key] = f.read()
+                self.held_bytes += len(self.held[key])
+                self.ds.peak_held_bytes = max(self.ds.peak_held_bytes, self.held_bytes)
         except (OSError, tarfile.TarError, EOFError) as e:
             self._finish(f"shard ends early or is corrupt: {e}")
 
@@ -436,6 +444,7 @@ class _ShardReader:
             data = self.held[key]
             if left == 0:
                 del self.held[key]
+                self.held_bytes -= len(data)
         else:
             data = self.done_reason[key[0]]
         self.uses[key] = left
