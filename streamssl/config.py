@@ -123,6 +123,8 @@ class DataConfig:
     # names, durations, shard_id), as `streamssl shard` writes. Read shard by shard, streaming.
     train_tarred_audio_filepaths: Optional[Any] = None
     shuffle_buffer: int = 1000  # tar shards: utterances shuffled together (bounds reader memory)
+    # A Lhotse cut set (cuts.jsonl.gz) instead of train_manifest; needs the optional lhotse package.
+    train_cuts: Optional[str] = None
 
 
 @dataclass
@@ -383,6 +385,10 @@ def _validate(cfg: DictConfig) -> None:
     need(not d.train_tarred_audio_filepaths or (not OmegaConf.is_missing(d, "train_manifest")
                                                  and bool(as_list(d.train_manifest))),
          "data.train_tarred_audio_filepaths", "needs data.train_manifest: the shards' tarred manifest")
+    need(not d.train_cuts or not d.train_tarred_audio_filepaths, "data.train_cuts",
+         "give either a Lhotse cut set or tar shards (data.train_tarred_audio_filepaths), not both")
+    need(not d.train_cuts or OmegaConf.is_missing(d, "train_manifest") or not as_list(d.train_manifest),
+         "data.train_cuts", "give either a Lhotse cut set or data.train_manifest, not both")
     need(m.objective.kind in ("masked", "next_token"), "model.objective.kind", "must be masked or next_token")
     need(len(m.objective.offsets) > 0 and all(k >= 1 for k in m.objective.offsets), "model.objective.offsets",
          "must be a non-empty list of ints >= 1")

@@ -228,3 +228,40 @@ def test_global_statistics_come_from_the_shards(corpus, shards, tmp_path):
     stats = json.loads((out / "feature_stats.json").read_text())
     assert stats["frames"] > 1000 and stats["skipped"] == 0
     assert _metrics(out)[-1]["step"] == 1
+
+
+# -- Lhotse cut sets (optional) ---------------------------------------------------------------------
+def test_lhotse_missing_names_the_key_and_the_extra(corpus, tmp_path, monkeypatch):
+    from streamssl.data.lhotse_cuts import load_cuts
+
+    cuts = tmp_path / "cuts.jsonl.gz"
+    cuts.write_bytes(b"")
+    monkeypatch.setitem(__import__("sys").modules, "lhotse", None)
+    with pytest.raises(ImportError, match=r"data.train_cuts.*streamssl\[lhotse\]"):
+        load_cuts(cuts)
+    with pytest.raises(ValueError, match="data.train_cuts.*Shar"):
+        load_cuts(tmp_path)
+
+
+def test_a_lhotse_cut_set_trains(corpus, tmp_path):
+    lhotse = pytest.importorskip("lhotse", reason="the optional lhotse package is not installed "
+                                                  "(pip install 'streamssl[lhotse]')")
+    from streamssl.data.lhotse_cuts import load_cuts
+
+    lines = [json.loads(x) for x in Path(corpus.train).read_text().splitlines()]
+    root = Path(corpus.train).parent
+    recs = [lhotse.Recording.from_file(root / x["audio_filepath"], recording_id=f"r{i}") for i, x in enumerate(lines)]
+    sups = [lhotse.SupervisionSegment(id=f"s{i}", recording_id=f"r{i}", start=0.0, duration=r.duration,
+                                      text=x["text"]) for i, (r, x) in enumerate(zip(recs, lines))]
+    cutset = lhotse.CutSet.from_manifests(recordings=lhotse.RecordingSet.from_recordings(recs),
+                                          supervisions=lhotse.SupervisionSet.from_segments(sups))
+    path = tmp_path / "cuts.jsonl.gz"
+    cutset.to_file(path)
+    index = load_cuts(path, keep_text=True)
+    assert len(index) == 24 and index.text(0) == lines[0]["text"]
+    assert index.durations.tolist() == pytest.approx([x["duration"] for x in lines])
+    out = tmp_path / "run"
+    Trainer(load_config("demo", FAST + [f"data.train_cuts={path}", f"data.val_manifest={corpus.val}",
+                                        "data.num_workers=0", "trainer.max_steps=2", "trainer.val_every=1000"]),
+            out).fit()
+    assert _metrics(out)[-1]["step"] == 2

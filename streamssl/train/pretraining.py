@@ -35,11 +35,12 @@ STATS_SECONDS = 3600.0
 def resolve_pretrain_data(cfg: DictConfig, out_dir: Path, rt: Runtime) -> dict:
     """Manifest paths; makes the embedded demo corpus when no training manifest is configured."""
     d = cfg.data
-    if OmegaConf.is_missing(d, "train_manifest"):
+    cuts = d.get("train_cuts")
+    if not cuts and OmegaConf.is_missing(d, "train_manifest"):
         raise ConfigError("data.train_manifest: required by this recipe (a JSON-lines manifest or a list of them)")
-    train = as_list(d.train_manifest)
+    train = [] if cuts else as_list(d.train_manifest)
     val, noise = d.val_manifest, d.noise_manifest
-    if not train:
+    if not train and not cuts:
         corpus = demo_corpus(d, out_dir, rt)
         train = [corpus["pretrain"]]
         val = val if val is not None else corpus["val"]
@@ -98,6 +99,10 @@ class PretrainTask:
             self.train_tarred = load_tarred_manifest(paths["train"], [str(p) for p in as_list(d.train_tarred_audio_filepaths)],
                                                      min_duration=d.min_duration, max_duration=d.max_duration)
             self.train_index = self.train_tarred.index
+        elif d.train_cuts:  # a Lhotse cut set (optional lhotse package), read file by file
+            from streamssl.data.lhotse_cuts import load_cuts
+
+            self.train_index = load_cuts(d.train_cuts, min_duration=d.min_duration, max_duration=d.max_duration)
         else:
             self.train_index = load_manifest(paths["train"], weights=weights, min_duration=d.min_duration,
                                              max_duration=d.max_duration)
