@@ -265,3 +265,28 @@ def test_a_lhotse_cut_set_trains(corpus, tmp_path):
                                         "data.num_workers=0", "trainer.max_steps=2", "trainer.val_every=1000"]),
             out).fit()
     assert _metrics(out)[-1]["step"] == 2
+
+
+@pytest.mark.parametrize("offset, duration", [(0.0, 3.0), (0.5, 1.2), (2.9, 1.0)])
+def test_wav_members_decode_as_libsndfile_does(offset, duration):
+    import soundfile as sf
+
+    from streamssl.data.audio import load_audio
+    from streamssl.data.shard_loader import _pcm16_wav
+
+    y = (np.random.default_rng(0).standard_normal(48000) * 0.3).clip(-1, 1).astype(np.float32)
+    buf = io.BytesIO()
+    sf.write(buf, y, 16000, format="WAV", subtype="PCM_16")
+    data = buf.getvalue()
+    fast = _pcm16_wav(data, offset, duration, 16000, np.zeros(60000, np.float32))
+    ref = load_audio(io.BytesIO(data), offset, duration, 16000, out=np.zeros(60000, np.float32))
+    assert fast is not None and np.array_equal(fast, ref)
+    assert _pcm16_wav(data, offset, duration, 8000, np.zeros(60000, np.float32)) is None  # other rate: libsndfile
+
+
+def test_wav_and_flac_shards_give_the_same_batches(corpus, shards, tmp_path):
+    wav = write_shards(corpus.train, tmp_path / "wav", num_shards=4, fmt="wav")
+    a = [(b["indices"].tolist(), b["audio"]) for b in _loader(shards)]
+    b = [(b["indices"].tolist(), b["audio"]) for b in _loader(wav)]
+    assert [x[0] for x in a] == [x[0] for x in b]
+    assert all(np.array_equal(x[1].numpy(), y[1].numpy()) for x, y in zip(a, b))

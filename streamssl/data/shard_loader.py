@@ -342,8 +342,10 @@ class ShardStreamDataset(IterableDataset):
                 skipped.append((name, data))
                 continue
             try:
-                x = load_audio(io.BytesIO(data), float(idx.offsets[row]), float(idx.durations[row]), sr,
-                               out=audio[r], name=name)
+                x = _pcm16_wav(data, float(idx.offsets[row]), float(idx.durations[row]), sr, audio[r])
+                if x is None:  # anything but mono 16-bit WAV at the target rate: libsndfile
+                    x = load_audio(io.BytesIO(data), float(idx.offsets[row]), float(idx.durations[row]), sr,
+                                   out=audio[r], name=name)
             except AudioReadError as e:
                 if self.strict:
                     raise
@@ -373,6 +375,40 @@ class ShardStreamDataset(IterableDataset):
             out["noise_lengths"] = torch.from_numpy(noise_lengths)
         out.update(skipped=skipped, epoch=int(epoch), batch_id=gid, position=int(k))
         return out
+
+
+def _pcm16_wav(data: bytes, offset: float, duration: float, sr: int, out: np.ndarray) -> np.ndarray | None:
+    """Decode a mono 16-bit PCM WAV member at rate ``sr`` straight from its bytes into ``out`` (what
+    libsndfile gives: int16 / 32768), skipping libsndfile's Python file callbacks; None for any
+    other content (then :func:`load_audio` decodes it, and reports what is wrong)."""
+    if len(data) < 44 or data[:4] != b"RIFF" or data[8:12] != b"WAVE":
+        return None
+    pos, fmt_ok = 12, False
+    while pos + 8 <= len(data):
+        cid, size = data[pos:pos + 4], int.from_bytes(data[pos + 4:pos + 8], "little")
+        body = pos + 8
+        if cid == b"fmt ":
+            if size < 16:
+                return None
+            tag, ch, rate = (int.from_bytes(data[body:body + 2], "little"), int.from_bytes(data[body + 2:body + 4], "little"),
+                             int.from_bytes(data[body + 4:body + 8], "little"))
+            bits = int.from_bytes(data[body + 14:body + 16], "little")
+            fmt_ok = tag == 1 and ch == 1 and bits == 16 and rate == sr
+            if not fmt_ok:
+                return None
+        elif cid == b"data":
+            if not fmt_ok:
+                return None
+            total = min(size, len(data) - body) // 2
+            start = int(round(offset * sr))
+            n = min(max(1, int(round(duration * sr))), total - start)
+            if start >= total or n <= 0 or n > out.shape[0]:
+                return None
+            x = np.frombuffer(data, dtype="<i2", count=n, offset=body + 2 * start)
+            np.multiply(x, np.float32(1 / 32768), out=out[:n], casting="unsafe")
+            return out[:n]
+        pos = body + size + (size & 1)
+    return None
 
 
 class _ShardReader:
