@@ -48,8 +48,12 @@ def _run_demo_data(args: argparse.Namespace) -> int:
 
 # -- shard -----------------------------------------------------------------------------------------
 def _args_shard(p: argparse.ArgumentParser) -> None:
-    p.add_argument("manifest", metavar="MANIFEST", nargs="+", help="manifest(s) whose audio to pack")
-    p.add_argument("out_dir", metavar="OUT_DIR", help="directory for audio_N.tar and tarred_audio_manifest.json")
+    p.add_argument("paths", metavar="MANIFEST... OUT_DIR", nargs="+",
+                   help="manifest(s) whose audio to pack, then the directory for audio_N.tar and "
+                        "tarred_audio_manifest.json (with --webdataset: OUT_DIR only)")
+    p.add_argument("--webdataset", metavar="PATTERN", default=None,
+                   help="index existing WebDataset-style shards (KEY.flac/.wav + optional KEY.json with text) "
+                        "instead: writes OUT_DIR/tarred_audio_manifest.json, no audio is rewritten")
     p.add_argument("--target-mb", type=float, default=500.0, help="shard size to aim at, MB of 16-bit PCM")
     p.add_argument("--format", choices=("flac", "wav"), default="flac", help="member format (16-bit PCM)")
     p.add_argument("--num-shards", type=int, default=None, help="this many shards instead of --target-mb")
@@ -57,10 +61,24 @@ def _args_shard(p: argparse.ArgumentParser) -> None:
 
 
 def _run_shard(args: argparse.Namespace) -> int:
-    from streamssl.data.shards import write_shards
+    from streamssl.data.shards import TARRED_MANIFEST, index_webdataset, write_shards
 
     t0 = time.perf_counter()
-    out = write_shards(args.manifest if len(args.manifest) > 1 else args.manifest[0], args.out_dir,
+    if args.webdataset is not None:
+        if len(args.paths) != 1:
+            raise ValueError("with --webdataset give only OUT_DIR")
+        Path(args.paths[0]).mkdir(parents=True, exist_ok=True)
+        man = str(Path(args.paths[0]) / TARRED_MANIFEST)
+        n, skipped = index_webdataset(args.webdataset, man, key="--webdataset")
+        for path, reason in skipped:
+            print(f"skipped {path}: {reason}", file=sys.stderr)
+        print(f"{n} utterances indexed, {len(skipped)} unreadable; {time.perf_counter() - t0:.1f} s")
+        print(f"train with: data.train_manifest={man} data.train_tarred_audio_filepaths={args.webdataset}")
+        return 0
+    if len(args.paths) < 2:
+        raise ValueError("give MANIFEST(s) and OUT_DIR")
+    manifests, out_dir = args.paths[:-1], args.paths[-1]
+    out = write_shards(manifests if len(manifests) > 1 else manifests[0], out_dir,
                        target_mb=args.target_mb, fmt=args.format, seed=args.seed, num_shards=args.num_shards)
     for path, reason in out.skipped:
         print(f"skipped {path}: {reason}", file=sys.stderr)

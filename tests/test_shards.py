@@ -319,3 +319,30 @@ def test_two_process_ddp_from_shards_resumes_exactly(corpus, shards, tmp_path):
     for ra, rb in zip(a, b):
         for key in ("loss", "acc", "num_targets", "audio_seconds"):
             assert ra[key] == rb[key], (ra["step"], key, ra[key], rb[key])
+
+
+def test_webdataset_shards_are_indexed_and_read(corpus, tmp_path, capsys):
+    """WebDataset-style shards (KEY.wav + KEY.json per utterance) train after one indexing pass."""
+    lines = [json.loads(x) for x in Path(corpus.train).read_text().splitlines()]
+    root = Path(corpus.train).parent
+    wds = tmp_path / "wds"
+    wds.mkdir()
+    for s in range(3):
+        with tarfile.open(wds / f"shard-{s:03d}.tar", "w") as tar:
+            for i, x in enumerate(lines[s::3]):
+                key = f"utt{s}_{i:03d}"
+                for name, data in ((f"{key}.wav", (root / x["audio_filepath"]).read_bytes()),
+                                   (f"{key}.json", json.dumps({"text": x["text"]}).encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    pattern = str(wds / "shard-{000..002}.tar")
+    assert cli_main(["shard", "--webdataset", pattern, str(tmp_path / "idx")]) == 0
+    assert f"data.train_tarred_audio_filepaths={pattern}" in capsys.readouterr().out
+    manifest = tmp_path / "idx" / "tarred_audio_manifest.json"
+    got = [json.loads(x) for x in manifest.read_text().splitlines()]
+    assert len(got) == 24 and {x["shard_id"] for x in got} == {0, 1, 2}
+    assert sorted(x["text"] for x in got) == sorted(x["text"] for x in lines)
+    assert sorted(round(x["duration"], 4) for x in got) == sorted(round(x["duration"], 4) for x in lines)
+    loader = build_shard_loader(load_tarred_manifest(str(manifest), pattern), batch_seconds=24, seed=1)
+    assert sum(b["audio"].shape[0] for b in loader) == 24 and loader.num_skipped == 0

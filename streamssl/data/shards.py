@@ -35,7 +35,7 @@ import soundfile as sf
 from .audio import AudioReadError
 from .manifest import load_manifest
 
-__all__ = ["ShardSet", "write_shards", "expand_shard_pattern", "TARRED_MANIFEST"]
+__all__ = ["ShardSet", "write_shards", "index_webdataset", "expand_shard_pattern", "TARRED_MANIFEST"]
 
 TARRED_MANIFEST = "tarred_audio_manifest.json"
 _FORMATS = {"flac": ("FLAC", "PCM_16"), "wav": ("WAV", "PCM_16")}
@@ -170,6 +170,65 @@ def _read_segment(path: str, offset: float, duration: float) -> tuple[np.ndarray
     if data.shape[0] == 0:
         raise AudioReadError(path, "no samples in the requested segment")
     return (data[:, 0] if data.shape[1] == 1 else data), sr
+
+
+# -- WebDataset-style shards --------------------------------------------------------------------------
+AUDIO_EXTENSIONS = ("flac", "wav", "ogg", "opus", "mp3", "sph", "aiff", "au")
+
+
+def index_webdataset(pattern: str | Sequence[str], out_manifest: str | os.PathLike, *,
+                     key: str = "data.train_tarred_audio_filepaths") -> tuple[int, list[tuple[str, str]]]:
+    """Write the tarred manifest of existing WebDataset-style shards (members ``KEY.flac`` /
+    ``KEY.wav`` ... with an optional ``KEY.json`` whose ``text`` is kept), so they train as NeMo
+    shards do, without rewriting any audio.
+
+    One sequential pass reads every shard (durations come from each member's audio header).
+    Returns (utterances indexed, [(shard:member, reason) of unreadable members]).
+    """
+    shards = expand_shard_pattern(pattern, key=key)
+    skipped: list[tuple[str, str]] = []
+    n = 0
+    out_manifest = os.fspath(out_manifest)
+    with open(out_manifest + ".tmp", "w", encoding="utf-8") as f:
+        for sid, path in enumerate(shards):
+            entries: dict[str, dict] = {}
+            order: list[str] = []
+            with tarfile.open(path, "r:") as tar:
+                for m in tar:
+                    if not m.isfile():
+                        continue
+                    base = os.path.basename(m.name)
+                    stem, _, ext = base.partition(".")
+                    e = entries.get(stem)
+                    if e is None:
+                        e = entries[stem] = {}
+                        order.append(stem)
+                    if ext.lower() in AUDIO_EXTENSIONS and "audio" not in e:
+                        data = tar.extractfile(m).read()
+                        try:
+                            info = sf.info(io.BytesIO(data))
+                            e["audio"], e["duration"] = base, info.frames / info.samplerate
+                        except Exception as err:  # noqa: BLE001 - soundfile raises several types
+                            skipped.append((f"{path}:{base}", str(err).strip().splitlines()[0] if str(err).strip()
+                                            else type(err).__name__))
+                    elif ext.lower() == "json":
+                        try:
+                            meta = json.loads(tar.extractfile(m).read())
+                        except ValueError:
+                            meta = {}
+                        if isinstance(meta, dict) and isinstance(meta.get("text"), str):
+                            e["text"] = meta["text"]
+            for stem in order:
+                e = entries[stem]
+                if "audio" not in e or not e["duration"] > 0:
+                    continue
+                line = {"audio_filepath": e["audio"], "duration": e["duration"], "shard_id": sid}
+                if "text" in e:
+                    line["text"] = e["text"]
+                f.write(json.dumps(line, ensure_ascii=False) + "\n")
+                n += 1
+    os.replace(out_manifest + ".tmp", out_manifest)
+    return n, skipped
 
 
 # -- patterns --------------------------------------------------------------------------------------
