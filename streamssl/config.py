@@ -123,7 +123,8 @@ class DataConfig:
     # names, durations, shard_id), as `streamssl shard` writes. Read shard by shard, streaming.
     train_tarred_audio_filepaths: Optional[Any] = None
     shuffle_buffer: int = 1000  # tar shards: utterances shuffled together (bounds reader memory)
-    # A Lhotse cut set (cuts.jsonl.gz) instead of train_manifest; needs the optional lhotse package.
+    # Instead of train_manifest: a Lhotse cut set (cuts.jsonl.gz; needs the optional lhotse
+    # package), or a Lhotse Shar directory (read as tar shards, like train_tarred_audio_filepaths).
     train_cuts: Optional[str] = None
 
 

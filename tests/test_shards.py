@@ -346,3 +346,61 @@ def test_webdataset_shards_are_indexed_and_read(corpus, tmp_path, capsys):
     assert sorted(round(x["duration"], 4) for x in got) == sorted(round(x["duration"], 4) for x in lines)
     loader = build_shard_loader(load_tarred_manifest(str(manifest), pattern), batch_seconds=24, seed=1)
     assert sum(b["audio"].shape[0] for b in loader) == 24 and loader.num_skipped == 0
+
+
+def _write_shar_by_hand(corpus, out: Path) -> list[dict]:
+    """The layout lhotse's CutSet.to_shar(fields={"recording": "wav"}) writes, without lhotse."""
+    import gzip
+
+    lines = [json.loads(x) for x in Path(corpus.train).read_text().splitlines()]
+    root = Path(corpus.train).parent
+    out.mkdir()
+    for s in range(2):
+        part = lines[s * 12:(s + 1) * 12]
+        with gzip.open(out / f"cuts.{s:06d}.jsonl.gz", "wt") as f, tarfile.open(out / f"recording.{s:06d}.tar", "w") as tar:
+            for i, x in enumerate(part):
+                cid = f"c{s}-{i}"
+                f.write(json.dumps({"id": cid, "start": 0, "duration": x["duration"], "channel": 0, "type": "MonoCut",
+                                    "supervisions": [{"id": cid, "start": 0, "duration": x["duration"],
+                                                      "text": x["text"]}]}) + "\n")
+                for name, data in ((f"{cid}.wav", (root / x["audio_filepath"]).read_bytes()),
+                                   (f"{cid}.json", b"{}")):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    return lines
+
+
+def test_a_lhotse_shar_directory_streams_and_trains(corpus, tmp_path):
+    from streamssl.data.lhotse_cuts import load_shar
+
+    lines = _write_shar_by_hand(corpus, tmp_path / "shar")
+    tindex = load_shar(tmp_path / "shar")
+    assert len(tindex) == 24 and len(tindex.shards) == 2
+    assert sorted(tindex.index.durations.tolist()) == pytest.approx(sorted(x["duration"] for x in lines))
+    loader = build_shard_loader(tindex, batch_seconds=24, seed=2)
+    assert sum(b["audio"].shape[0] for b in loader) == 24 and loader.num_skipped == 0
+    with pytest.raises(ValueError, match="data.train_cuts.*not a Lhotse Shar"):
+        load_shar(tmp_path)
+    out = tmp_path / "run"
+    Trainer(load_config("demo", FAST + [f"data.train_cuts={tmp_path / 'shar'}", f"data.val_manifest={corpus.val}",
+                                        "data.num_workers=0", "trainer.max_steps=2", "trainer.val_every=1000"]),
+            out).fit()
+    assert _metrics(out)[-1]["step"] == 2
+
+
+def test_lhotse_to_shar_output_is_read(corpus, tmp_path):
+    lhotse = pytest.importorskip("lhotse", reason="the optional lhotse package is not installed "
+                                                  "(pip install 'streamssl[lhotse]')")
+    from streamssl.data.lhotse_cuts import load_shar
+
+    lines = [json.loads(x) for x in Path(corpus.train).read_text().splitlines()]
+    root = Path(corpus.train).parent
+    recs = [lhotse.Recording.from_file(root / x["audio_filepath"], recording_id=f"r{i}") for i, x in enumerate(lines)]
+    cuts = lhotse.CutSet.from_manifests(recordings=lhotse.RecordingSet.from_recordings(recs))
+    (tmp_path / "shar").mkdir()
+    cuts.to_shar(tmp_path / "shar", fields={"recording": "flac"}, shard_size=10)
+    tindex = load_shar(tmp_path / "shar")
+    assert len(tindex) == 24 and len(tindex.shards) == 3
+    loader = build_shard_loader(tindex, batch_seconds=24, seed=2)
+    assert sum(b["audio"].shape[0] for b in loader) == 24 and loader.num_skipped == 0

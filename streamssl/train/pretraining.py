@@ -99,6 +99,11 @@ class PretrainTask:
             self.train_tarred = load_tarred_manifest(paths["train"], [str(p) for p in as_list(d.train_tarred_audio_filepaths)],
                                                      min_duration=d.min_duration, max_duration=d.max_duration)
             self.train_index = self.train_tarred.index
+        elif d.train_cuts and Path(d.train_cuts).is_dir():  # Lhotse Shar: tar shards, read as a stream
+            from streamssl.data.lhotse_cuts import load_shar
+
+            self.train_tarred = load_shar(d.train_cuts, min_duration=d.min_duration, max_duration=d.max_duration)
+            self.train_index = self.train_tarred.index
         elif d.train_cuts:  # a Lhotse cut set (optional lhotse package), read file by file
             from streamssl.data.lhotse_cuts import load_cuts
 
