@@ -404,3 +404,19 @@ def test_lhotse_to_shar_output_is_read(corpus, tmp_path):
     assert len(tindex) == 24 and len(tindex.shards) == 3
     loader = build_shard_loader(tindex, batch_seconds=24, seed=2)
     assert sum(b["audio"].shape[0] for b in loader) == 24 and loader.num_skipped == 0
+
+
+def test_resume_refuses_what_would_change_the_shard_plan(corpus, shards):
+    from streamssl.data.loader import build_loader
+
+    state = _loader(shards, num_workers=0).state_dict()
+    with pytest.raises(ValueError, match="num_workers was 1 .* is 2"):
+        _loader(shards, num_workers=2).load_state_dict(state)
+    with pytest.raises(ValueError, match="shuffle_buffer"):
+        _loader(shards, shuffle_buffer=7).load_state_dict(state)
+    per_file = build_loader(load_manifest(corpus.train), batch_seconds=24).state_dict()
+    with pytest.raises(ValueError, match="file by file"):
+        _loader(shards).load_state_dict(per_file)
+    changed = dict(state, streams=[dict(state["streams"][0], shards=[3, 2, 1, 0])])
+    with pytest.raises(ValueError, match="shard order"):
+        _loader(shards).load_state_dict(changed)
