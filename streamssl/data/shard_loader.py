@@ -226,7 +226,8 @@ class ShardStreamDataset(IterableDataset):
         self._bucket_of, self._bucket_cap = buckets._bucket_of, buckets._bucket_cap
         self._shard_seconds = tindex.shard_seconds
         order = np.argsort(tindex.shard_ids, kind="stable")  # rows of each shard, in manifest order
-        self._rows_by_shard = np.split(order, np.cumsum(np.bincount(tindex.shard_ids, minlength=len(tindex.shards)))[:-1])
+        per_shard = np.bincount(tindex.shard_ids, minlength=len(tindex.shards))
+        self._rows_by_shard = np.split(order, np.cumsum(per_shard)[:-1])
         self._noise = (AudioBatchDataset(noise_index, noise_index, sample_rate=sample_rate, seed=seed, strict=strict,
                                          noise_cache_mb=noise_cache_mb) if noise_index is not None else None)
         self.epoch, self.position = 0, 0
@@ -282,8 +283,8 @@ class ShardStreamDataset(IterableDataset):
                 streams[w].batches[j:j + 1] = [b[:b.shape[0] // 2], b[b.shape[0] // 2:]]
             need -= len(pick)
         if need > 0 and not any(s.batches for s in streams):
-            raise ValueError(f"{KEY}: rank {self.rank} was dealt shards {[s.shards for s in streams]} in epoch {epoch}, "
-                             f"which hold no utterance within the duration filter; other ranks have batches")
+            raise ValueError(f"{KEY}: rank {self.rank} was dealt shards {[s.shards for s in streams]} in epoch "
+                             f"{epoch}, which hold no utterance within the duration filter; other ranks have batches")
         w = 0
         while need > 0:  # fewer utterances than batches needed: repeat a worker's last batch
             if streams[w].batches:
@@ -390,9 +391,10 @@ def _pcm16_wav(data: bytes, offset: float, duration: float, sr: int, out: np.nda
         if cid == b"fmt ":
             if size < 16:
                 return None
-            tag, ch, rate = (int.from_bytes(data[body:body + 2], "little"), int.from_bytes(data[body + 2:body + 4], "little"),
-                             int.from_bytes(data[body + 4:body + 8], "little"))
-            bits = int.from_bytes(data[body + 14:body + 16], "little")
+            def u(a: int, b: int) -> int:
+                return int.from_bytes(data[body + a:body + b], "little")
+
+            tag, ch, rate, bits = u(0, 2), u(2, 4), u(4, 8), u(14, 16)
             fmt_ok = tag == 1 and ch == 1 and bits == 16 and rate == sr
             if not fmt_ok:
                 return None

@@ -96,8 +96,9 @@ class PretrainTask:
         if d.train_tarred_audio_filepaths:  # tar shards (NeMo's layout), read as a stream
             from streamssl.data.shard_loader import load_tarred_manifest
 
-            self.train_tarred = load_tarred_manifest(paths["train"], [str(p) for p in as_list(d.train_tarred_audio_filepaths)],
-                                                     min_duration=d.min_duration, max_duration=d.max_duration)
+            patterns = [str(p) for p in as_list(d.train_tarred_audio_filepaths)]
+            self.train_tarred = load_tarred_manifest(paths["train"], patterns, min_duration=d.min_duration,
+                                                     max_duration=d.max_duration)
             self.train_index = self.train_tarred.index
         elif d.train_cuts and Path(d.train_cuts).is_dir():  # Lhotse Shar: tar shards, read as a stream
             from streamssl.data.lhotse_cuts import load_shar
