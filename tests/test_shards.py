@@ -420,3 +420,13 @@ def test_resume_refuses_what_would_change_the_shard_plan(corpus, shards):
     changed = dict(state, streams=[dict(state["streams"][0], shards=[3, 2, 1, 0])])
     with pytest.raises(ValueError, match="shard order"):
         _loader(shards).load_state_dict(changed)
+
+
+def test_no_batch_spans_more_than_a_window(shards):
+    from streamssl.data.shard_loader import WINDOW_BLOCKS
+
+    for buf in (1, 2):
+        plan = _loader(shards, shuffle_buffer=buf).dataset.plan(0)
+        for stream in plan.streams:
+            spans = [int(b.max()) // buf // WINDOW_BLOCKS - int(b.min()) // buf // WINDOW_BLOCKS for b in stream.batches]
+            assert spans and max(spans) == 0  # every batch inside one window of the stream

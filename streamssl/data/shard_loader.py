@@ -15,7 +15,10 @@ count, seed, epoch, world size, workers, settings):
    utterances: the reader never holds more than a block of undelivered members (plus the partial
    batches below), so memory is bounded by the buffer, not the shard or the corpus.
 3. Batches are cut per duration bucket as in :class:`BucketBatchSampler` (same bucket edges and
-   padded-seconds budget): an utterance joins its bucket's open batch, which is closed when full.
+   padded-seconds budget): an utterance joins its bucket's open batch, which is closed when full,
+   or at the end of a window of ``WINDOW_BLOCKS`` shuffle blocks (so no batch waits on a rare
+   bucket for the rest of the stream: a reader holds at most a block plus the open batches of
+   one window, and a resumed worker re-reads at most a window's tar headers).
 4. Ranks get equal batch counts (DDP never waits on a rank that ran out): the ranks with fewer
    batches split their largest ones (no utterance repeated) until they have as many as the
    others. A rank's batches alternate between its workers (round robin).
@@ -57,6 +60,9 @@ __all__ = ["TarredIndex", "load_tarred_manifest", "assign_shards", "ShardStreamD
 log = logging.getLogger("streamssl.data")
 
 KEY = "data.train_tarred_audio_filepaths"
+# Open batches close at the latest every WINDOW_BLOCKS shuffle blocks: this bounds what a reader holds
+# and how far back a resumed worker re-reads, for about num_buckets extra partial batches per window.
+WINDOW_BLOCKS = 16
 _SHARD_SALT = 0x7368617264  # separates the shard shuffle from the sampler's (seed, epoch) stream
 _BLOCK_SALT = 0x626C6F636B
 
@@ -250,12 +256,16 @@ class ShardStreamDataset(IterableDataset):
             key = np.random.default_rng([self.seed, epoch, rank, worker, _BLOCK_SALT]).random(L)
             pos = np.lexsort((key, pos // self.shuffle_buffer))
         bucket = self._bucket_of[rows[pos]].astype(np.int64)
-        o = np.argsort(bucket, kind="stable")  # by bucket, in emission order inside each
-        b_sorted = bucket[o]
-        run_start = np.flatnonzero(np.r_[True, b_sorted[1:] != b_sorted[:-1]])
-        run_id = np.cumsum(np.r_[True, b_sorted[1:] != b_sorted[:-1]]) - 1
+        # Batches are cut per (window, bucket): an open batch closes at its window's end at the latest.
+        window = np.arange(L) // (self.shuffle_buffer * WINDOW_BLOCKS)
+        group = window * (int(self._bucket_cap.shape[0]) + 1) + bucket
+        o = np.argsort(group, kind="stable")  # by window, then bucket, in emission order inside each
+        g_sorted = group[o]
+        new_run = np.r_[True, g_sorted[1:] != g_sorted[:-1]]
+        run_start = np.flatnonzero(new_run)
+        run_id = np.cumsum(new_run) - 1
         k_in_run = np.arange(L) - run_start[run_id]
-        starts = np.flatnonzero(k_in_run % self._bucket_cap[b_sorted] == 0)
+        starts = np.flatnonzero(k_in_run % self._bucket_cap[bucket[o]] == 0)
         ends = np.r_[starts[1:], L]
         # A batch closes when its last member is emitted: order batches by that moment.
         batches = [pos[o[s:e]] for s, e in zip(starts, ends)]
