@@ -46,6 +46,51 @@ def _run_demo_data(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- shard -----------------------------------------------------------------------------------------
+def _args_shard(p: argparse.ArgumentParser) -> None:
+    p.add_argument("paths", metavar="MANIFEST... OUT_DIR", nargs="+",
+                   help="manifest(s) whose audio to pack, then the directory for audio_N.tar and "
+                        "tarred_audio_manifest.json (with --webdataset: OUT_DIR only)")
+    p.add_argument("--webdataset", metavar="PATTERN", default=None,
+                   help="index existing WebDataset-style shards (KEY.flac/.wav + optional KEY.json with text) "
+                        "instead: writes OUT_DIR/tarred_audio_manifest.json, no audio is rewritten")
+    p.add_argument("--target-mb", type=float, default=500.0, help="shard size to aim at, MB of 16-bit PCM")
+    p.add_argument("--format", choices=("flac", "wav"), default="flac", help="member format (16-bit PCM)")
+    p.add_argument("--num-shards", type=int, default=None, help="this many shards instead of --target-mb")
+    p.add_argument("--seed", type=int, default=0, help="order of the members inside each shard")
+
+
+def _run_shard(args: argparse.Namespace) -> int:
+    from streamssl.data.shards import TARRED_MANIFEST, index_webdataset, write_shards
+
+    t0 = time.perf_counter()
+    if args.webdataset is not None:
+        if len(args.paths) != 1:
+            raise ValueError("with --webdataset give only OUT_DIR")
+        Path(args.paths[0]).mkdir(parents=True, exist_ok=True)
+        man = str(Path(args.paths[0]) / TARRED_MANIFEST)
+        n, skipped = index_webdataset(args.webdataset, man, key="--webdataset")
+        for path, reason in skipped:
+            print(f"skipped {path}: {reason}", file=sys.stderr)
+        print(f"{n} utterances indexed, {len(skipped)} unreadable; {time.perf_counter() - t0:.1f} s")
+        print(f"train with: data.train_manifest={man} data.train_tarred_audio_filepaths={args.webdataset}")
+        return 0
+    if len(args.paths) < 2:
+        raise ValueError("give MANIFEST(s) and OUT_DIR")
+    manifests, out_dir = args.paths[:-1], args.paths[-1]
+    out = write_shards(manifests if len(manifests) > 1 else manifests[0], out_dir,
+                       target_mb=args.target_mb, fmt=args.format, seed=args.seed, num_shards=args.num_shards)
+    for path, reason in out.skipped:
+        print(f"skipped {path}: {reason}", file=sys.stderr)
+    secs = sum(out.seconds)
+    print(f"{out.num_utterances} utterances ({secs / 3600:.3f} h) in {len(out.shards)} shard(s) of "
+          f"{min(out.seconds):.1f}-{max(out.seconds):.1f} s; {len(out.skipped)} skipped; "
+          f"{time.perf_counter() - t0:.1f} s")
+    print(f"manifest: {out.manifest}")
+    print(f"train with: data.train_manifest={out.manifest} data.train_tarred_audio_filepaths={out.pattern}")
+    return 0
+
+
 # -- compute-stats ---------------------------------------------------------------------------------
 def _args_compute_stats(p: argparse.ArgumentParser) -> None:
     p.add_argument("manifest", metavar="MANIFEST", nargs="+", help="manifest(s) to measure")
@@ -336,6 +381,8 @@ COMMANDS: dict[str, Command] = {
                       _args_stream, _run_stream),
     "info": Command("ops backend, and the chunk size / lookahead / latency of a recipe", _args_info, _run_info),
     "demo-data": Command("write the small synthetic demo corpus", _args_demo_data, _run_demo_data),
+    "shard": Command("pack a manifest's audio into duration-balanced tar shards (NeMo's tarred layout)",
+                     _args_shard, _run_shard),
     "compute-stats": Command("global log-mel mean/std of a manifest (for normalize='global')",
                              _args_compute_stats, _run_compute_stats),
 }

@@ -118,6 +118,14 @@ class DataConfig:
     max_duration: float = 20.0
     num_workers: int = 2
     strict: bool = False  # True: a corrupt audio file stops training
+    # Tar shards in NeMo's tarred layout: a pattern such as /data/audio__OP_0..511_CL_.tar (or
+    # {0..511}, or a list of patterns); train_manifest is then their tarred manifest (members'
+    # names, durations, shard_id), as `streamssl shard` writes. Read shard by shard, streaming.
+    train_tarred_audio_filepaths: Optional[Any] = None
+    shuffle_buffer: int = 1000  # tar shards: utterances shuffled together (bounds reader memory)
+    # Instead of train_manifest: a Lhotse cut set (cuts.jsonl.gz; needs the optional lhotse
+    # package), or a Lhotse Shar directory (read as tar shards, like train_tarred_audio_filepaths).
+    train_cuts: Optional[str] = None
 
 
 @dataclass
@@ -374,6 +382,14 @@ def _validate(cfg: DictConfig) -> None:
     m, d = cfg.model, cfg.data
     need = _need
     need(d.demo_corpus in ("speech", "phones"), "data.demo_corpus", "must be speech or phones")
+    need(d.shuffle_buffer >= 1, "data.shuffle_buffer", "must be >= 1")
+    need(not d.train_tarred_audio_filepaths or (not OmegaConf.is_missing(d, "train_manifest")
+                                                 and bool(as_list(d.train_manifest))),
+         "data.train_tarred_audio_filepaths", "needs data.train_manifest: the shards' tarred manifest")
+    need(not d.train_cuts or not d.train_tarred_audio_filepaths, "data.train_cuts",
+         "give either a Lhotse cut set or tar shards (data.train_tarred_audio_filepaths), not both")
+    need(not d.train_cuts or OmegaConf.is_missing(d, "train_manifest") or not as_list(d.train_manifest),
+         "data.train_cuts", "give either a Lhotse cut set or data.train_manifest, not both")
     need(m.objective.kind in ("masked", "next_token"), "model.objective.kind", "must be masked or next_token")
     need(len(m.objective.offsets) > 0 and all(k >= 1 for k in m.objective.offsets), "model.objective.offsets",
          "must be a non-empty list of ints >= 1")

@@ -36,7 +36,7 @@ def _reason(e: BaseException) -> str:
 
 
 def load_audio(path: str | os.PathLike, offset: float = 0.0, duration: float | None = None,
-               sample_rate: int = 16000, *, out: np.ndarray | None = None) -> np.ndarray:
+               sample_rate: int = 16000, *, out: np.ndarray | None = None, name: str | None = None) -> np.ndarray:
     """Read ``duration`` seconds starting at ``offset`` seconds as mono float32 at ``sample_rate``.
 
     Only the requested segment is decoded (the file is seeked, not read whole). Integer formats
@@ -47,6 +47,8 @@ def load_audio(path: str | os.PathLike, offset: float = 0.0, duration: float | N
     Args:
         out: optional (m,) float32 C-contiguous array to decode into (a batch row): the samples
             go to ``out[:n]`` and that view is returned, saving a copy. ValueError if m < n.
+        name: how errors name the audio; needed when ``path`` is a file object (e.g. a tar
+            member's bytes in ``io.BytesIO``), which is read like a file.
 
     Returns:
         (n,) float32 numpy array, n >= 1.
@@ -56,7 +58,8 @@ def load_audio(path: str | os.PathLike, offset: float = 0.0, duration: float | N
         AudioReadError: missing/unreadable/corrupt file, offset past the end, an empty segment
             or non-finite samples (a NaN in a float WAV would poison training silently).
     """
-    path = os.fspath(path)
+    src = os.fspath(path) if isinstance(path, (str, os.PathLike)) else path
+    path = name if name is not None else (src if isinstance(src, str) else repr(src))
     if not (offset >= 0.0):
         raise ValueError(f"offset must be >= 0, got {offset}")
     if duration is not None and not (duration > 0.0):
@@ -66,7 +69,7 @@ def load_audio(path: str | os.PathLike, offset: float = 0.0, duration: float | N
     if out is not None and (out.ndim != 1 or out.dtype != np.float32 or not out.flags.c_contiguous):
         raise ValueError(f"out: expected a 1-D C-contiguous float32 array, got {out.dtype} {out.shape}")
     try:
-        with sf.SoundFile(path) as f:
+        with sf.SoundFile(src) as f:
             file_sr = int(f.samplerate)
             total = int(f.frames)
             start = int(round(offset * file_sr))

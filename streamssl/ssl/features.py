@@ -337,7 +337,7 @@ def load_stats(path: str | os.PathLike) -> dict:
 
 def compute_global_stats(index, features: LogMelFeatures | None = None, *, max_seconds: float | None = None,
                          batch_seconds: float = 120.0, num_workers: int = 0, seed: int = 0,
-                         device: str | torch.device = "cpu") -> dict:
+                         device: str | torch.device = "cpu", loader=None) -> dict:
     """Per-bin mean and population std of log-mel features over the valid frames of a manifest.
 
     Args:
@@ -346,6 +346,8 @@ def compute_global_stats(index, features: LogMelFeatures | None = None, *, max_s
             (no dither) and without normalisation.
         max_seconds: use a seeded random subset of about this much audio (None: everything).
         batch_seconds, num_workers: passed to the loader (unreadable files are skipped, counted).
+        loader: read these batches instead (e.g. a shard loader); ``index`` and the subset
+            arguments are then unused. It needs ``num_skipped``.
     Returns:
         dict with ``mean``, ``std`` ((n_mels,) float64 numpy), ``frames``, ``seconds``,
         ``skipped`` (count), ``features`` (the feature config, checked again at load time).
@@ -357,13 +359,14 @@ def compute_global_stats(index, features: LogMelFeatures | None = None, *, max_s
     feats_mod = LogMelFeatures() if features is None else features
     cfg = feats_mod.config()
     extractor = LogMelFeatures(**cfg, dither=0.0, normalize="none", pad_to=1).to(device).eval()
-    if max_seconds is not None and max_seconds < index.total_seconds:
-        order = np.random.default_rng(seed).permutation(len(index))
-        n_keep = int(np.searchsorted(np.cumsum(index.durations[order]), max_seconds)) + 1
-        index = index.subset(np.sort(order[:n_keep]))
-    batch_seconds = max(batch_seconds, float(index.durations.max()))
-    loader = build_loader(index, None, batch_seconds=batch_seconds, seed=seed, shuffle=False,
-                          num_workers=num_workers, sample_rate=cfg["sample_rate"])
+    if loader is None:
+        if max_seconds is not None and max_seconds < index.total_seconds:
+            order = np.random.default_rng(seed).permutation(len(index))
+            n_keep = int(np.searchsorted(np.cumsum(index.durations[order]), max_seconds)) + 1
+            index = index.subset(np.sort(order[:n_keep]))
+        batch_seconds = max(batch_seconds, float(index.durations.max()))
+        loader = build_loader(index, None, batch_seconds=batch_seconds, seed=seed, shuffle=False,
+                              num_workers=num_workers, sample_rate=cfg["sample_rate"])
     count = 0
     mean = np.zeros(cfg["n_mels"])
     m2 = np.zeros(cfg["n_mels"])

@@ -35,11 +35,12 @@ STATS_SECONDS = 3600.0
 def resolve_pretrain_data(cfg: DictConfig, out_dir: Path, rt: Runtime) -> dict:
     """Manifest paths; makes the embedded demo corpus when no training manifest is configured."""
     d = cfg.data
-    if OmegaConf.is_missing(d, "train_manifest"):
+    cuts = d.get("train_cuts")
+    if not cuts and OmegaConf.is_missing(d, "train_manifest"):
         raise ConfigError("data.train_manifest: required by this recipe (a JSON-lines manifest or a list of them)")
-    train = as_list(d.train_manifest)
+    train = [] if cuts else as_list(d.train_manifest)
     val, noise = d.val_manifest, d.noise_manifest
-    if not train:
+    if not train and not cuts:
         corpus = demo_corpus(d, out_dir, rt)
         train = [corpus["pretrain"]]
         val = val if val is not None else corpus["val"]
@@ -91,8 +92,26 @@ class PretrainTask:
         # Data first: a bad manifest fails before any model is built or step is taken.
         paths = resolve_pretrain_data(cfg, rt.out, rt)
         weights = list(d.train_weights) if d.train_weights is not None else None
-        self.train_index = load_manifest(paths["train"], weights=weights, min_duration=d.min_duration,
-                                         max_duration=d.max_duration)
+        self.train_tarred = None
+        if d.train_tarred_audio_filepaths:  # tar shards (NeMo's layout), read as a stream
+            from streamssl.data.shard_loader import load_tarred_manifest
+
+            patterns = [str(p) for p in as_list(d.train_tarred_audio_filepaths)]
+            self.train_tarred = load_tarred_manifest(paths["train"], patterns, min_duration=d.min_duration,
+                                                     max_duration=d.max_duration)
+            self.train_index = self.train_tarred.index
+        elif d.train_cuts and Path(d.train_cuts).is_dir():  # Lhotse Shar: tar shards, read as a stream
+            from streamssl.data.lhotse_cuts import load_shar
+
+            self.train_tarred = load_shar(d.train_cuts, min_duration=d.min_duration, max_duration=d.max_duration)
+            self.train_index = self.train_tarred.index
+        elif d.train_cuts:  # a Lhotse cut set (optional lhotse package), read file by file
+            from streamssl.data.lhotse_cuts import load_cuts
+
+            self.train_index = load_cuts(d.train_cuts, min_duration=d.min_duration, max_duration=d.max_duration)
+        else:
+            self.train_index = load_manifest(paths["train"], weights=weights, min_duration=d.min_duration,
+                                             max_duration=d.max_duration)
         if len(self.train_index) == 0:
             raise ConfigError(f"data.train_manifest: no utterance of {paths['train']} lies within "
                               f"[{d.min_duration}, {d.max_duration}] s")
@@ -103,9 +122,18 @@ class PretrainTask:
         self.val_index = (load_manifest(paths["val"], min_duration=d.min_duration, max_duration=d.max_duration)
                           if paths["val"] else None)
         self.sample_rate = cfg.model.features.sample_rate
-        self.loader = build_loader(self.train_index, self.noise_index, batch_seconds=d.batch_seconds, seed=t.seed,
-                                   rank=rt.rank, world_size=rt.world, num_workers=d.num_workers,
-                                   sample_rate=self.sample_rate, strict=d.strict, pin_memory=self.device.type == "cuda")
+        if self.train_tarred is not None:
+            from streamssl.data.shard_loader import build_shard_loader
+
+            self.loader = build_shard_loader(self.train_tarred, self.noise_index, batch_seconds=d.batch_seconds,
+                                             seed=t.seed, rank=rt.rank, world_size=rt.world, num_workers=d.num_workers,
+                                             sample_rate=self.sample_rate, strict=d.strict,
+                                             shuffle_buffer=d.shuffle_buffer, pin_memory=self.device.type == "cuda")
+        else:
+            self.loader = build_loader(self.train_index, self.noise_index, batch_seconds=d.batch_seconds, seed=t.seed,
+                                       rank=rt.rank, world_size=rt.world, num_workers=d.num_workers,
+                                       sample_rate=self.sample_rate, strict=d.strict,
+                                       pin_memory=self.device.type == "cuda")
         torch.manual_seed(t.seed)
         self.model = NEST(cfg.model, seed=t.seed).to(self.device)
 
@@ -126,14 +154,16 @@ class PretrainTask:
                 self.model.features.load_stats(m.features.stats)
             else:
                 stats = compute_global_stats(self.train_index, self.model.features, max_seconds=STATS_SECONDS,
-                                             seed=t.seed)
+                                             seed=t.seed, loader=self._sample_loader(STATS_SECONDS))
                 self.model.features.set_stats(stats["mean"], stats["std"])
                 if self.rt.is_main:
                     save_stats(self.rt.out / "feature_stats.json", stats)
         counts = torch.zeros(m.quantizer.num_codebooks, m.quantizer.num_codes, dtype=torch.float64)
-        loader = build_loader(self._seeded_subset(PRIOR_SECONDS), None, batch_seconds=self.cfg.data.batch_seconds,
-                              seed=t.seed, shuffle=False, num_workers=0, sample_rate=self.sample_rate,
-                              strict=self.cfg.data.strict)
+        loader = self._sample_loader(PRIOR_SECONDS)
+        if loader is None:
+            loader = build_loader(self._seeded_subset(PRIOR_SECONDS), None, batch_seconds=self.cfg.data.batch_seconds,
+                                  seed=t.seed, shuffle=False, num_workers=0, sample_rate=self.sample_rate,
+                                  strict=self.cfg.data.strict)
         for raw in loader:
             if raw["audio"].shape[0]:
                 counts += self.model.target_counts(raw["audio"].to(self.device), raw["audio_lengths"].to(self.device))
@@ -143,6 +173,18 @@ class PretrainTask:
             with torch.no_grad():
                 p = (counts + 0.1) / (counts.sum(-1, keepdim=True) + 0.1 * counts.shape[-1])
                 self.model.target_log_prior.copy_(p.log().to(self.model.target_log_prior))
+
+    def _sample_loader(self, seconds: float):
+        """From tar shards: a loader over whole shards (seeded) covering ``seconds``; else None (the
+        per-file paths sample utterances instead)."""
+        if self.train_tarred is None:
+            return None
+        from streamssl.data.shard_loader import build_shard_loader
+
+        d = self.cfg.data
+        return build_shard_loader(self.train_tarred.seeded_shards(seconds, self.cfg.trainer.seed), None,
+                                  batch_seconds=d.batch_seconds, seed=self.cfg.trainer.seed, shuffle=False,
+                                  num_workers=0, sample_rate=self.sample_rate, strict=d.strict)
 
     def _seeded_subset(self, seconds: float):
         index = self.train_index
