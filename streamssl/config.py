@@ -14,25 +14,30 @@ from typing import Any, List, Optional
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from streamssl.nn.presets import PRESETS
+
 _PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+_SMALL = PRESETS["small"]  # the schema's encoder defaults are the small preset's sizes
 
 
 @dataclass
 class EncoderConfig:
-    """Arguments of streamssl.nn.FastConformerEncoder (defaults: the small preset)."""
+    """Arguments of streamssl.nn.FastConformerEncoder (defaults: the small preset, nn/presets.py)."""
 
-    feat_in: int = 80
-    d_model: int = 176
-    n_layers: int = 16
-    n_heads: int = 4
-    ff_expansion: int = 4
-    conv_kernel_size: int = 9
-    subsampling_factor: int = 8
-    subsampling_channels: int = 256
+    feat_in: int = _SMALL["feat_in"]
+    d_model: int = _SMALL["d_model"]
+    n_layers: int = _SMALL["n_layers"]
+    n_heads: int = _SMALL["n_heads"]
+    ff_expansion: int = _SMALL["ff_expansion"]
+    conv_kernel_size: int = _SMALL["conv_kernel_size"]
+    subsampling_factor: int = _SMALL["subsampling_factor"]
+    subsampling_channels: int = _SMALL["subsampling_channels"]
     # [left, right] in encoder frames, or a list of such pairs for multi-latency training.
     att_context_size: Any = field(default_factory=lambda: [-1, 0])
     att_context_style: str = "chunked_limited"
-    dropout: float = 0.1
+    dropout: float = _SMALL["dropout"]
 
 
 @dataclass

@@ -38,6 +38,16 @@ def test_finetune_recipes_take_their_architecture_from_a_pretraining_recipe():
         load_finetune_config("finetune_demo", ["optim.freeze_encoder_steps=-1"])
 
 
+def test_recipe_sizes_are_the_presets():
+    """Encoder sizes live in nn/presets.py; a recipe that restates them must not drift."""
+    from streamssl.nn.presets import PRESETS
+
+    keys = ("d_model", "n_layers", "n_heads", "subsampling_channels", "conv_kernel_size", "ff_expansion")
+    for recipe, preset in (("small", "small"), ("large", "large"), ("ssl_demo", "demo")):
+        enc = load_config(recipe).model.encoder
+        assert {k: enc[k] for k in keys} == {k: PRESETS[preset][k] for k in keys}, recipe
+
+
 def test_presets_sizes():
     small, large, demo = (load_config(n).model.encoder for n in ("small", "large", "demo"))
     assert (small.d_model, small.n_layers, small.n_heads) == (176, 16, 4)
