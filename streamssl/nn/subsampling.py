@@ -62,6 +62,11 @@ class CausalStridingSubsampling(nn.Module):
             pointwise.append(nn.Conv2d(channels, channels, 1))
         self.convs = nn.ModuleList(convs)
         self.pointwise = nn.ModuleList([nn.Identity() if p is None else p for p in pointwise])
+        # Those stages run in channels_last (see _stage); weights in the same layout get their
+        # gradients in it too, which DDP's gradient buckets expect.
+        for s in range(1, n_stages):
+            self.convs[s].to(memory_format=torch.channels_last)
+            self.pointwise[s].to(memory_format=torch.channels_last)
         f = feat_in
         self.stage_freqs = []  # frequency bins entering each stage
         for _ in range(n_stages):

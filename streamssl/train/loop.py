@@ -317,7 +317,8 @@ class Trainer:
                      "indices": torch.zeros(1, dtype=torch.int64), "skipped": raw["skipped"]}
             with self.rt.autocast():
                 out = self.task.forward(self.module, dummy, generator)
-            return {"loss": out["loss"] * 0.0, "weight": 0, "sums": {}, "extras": None}
+            # The same metric keys as a real batch (zeros): every rank reduces vectors of one length.
+            return {"loss": out["loss"] * 0.0, "weight": 0, "sums": {k: 0.0 for k in out["sums"]}, "extras": None}
         with self.rt.autocast():
             return self.task.forward(self.module, raw, generator)
 
