@@ -71,6 +71,7 @@ def test_pretraining_beats_the_input_blind_baselines(small_speech, tmp_path):
     cfg = load_config("ssl_demo", [
         "model.encoder.d_model=64", "model.encoder.n_layers=2", "model.encoder.n_heads=2",
         "model.encoder.subsampling_channels=32", "model.quantizer.num_codes=64", "model.quantizer.num_codebooks=1",
+        "model.objective.offsets=[1,2,3]",
         f"data.train_manifest={small_speech.pretrain}", f"data.val_manifest={small_speech.test}",
         f"data.noise_manifest={small_speech.noise}", "data.batch_seconds=40", "trainer.progress=false",
         "trainer.log_every=10", "trainer.max_steps=200", "trainer.val_every=200", "trainer.ckpt_every=1000",
