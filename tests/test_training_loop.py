@@ -117,3 +117,13 @@ def test_logged_losses_name_what_they_average(corpus, tmp_path):
     one = tmp_path / "one"
     pretrain_trainer(_cfg(corpus, "trainer.max_steps=2"), one).fit()
     assert all(r["loss"] == pytest.approx(r["loss_optimised"], rel=1e-6) for r in _metrics(one))
+
+
+def test_no_noise_manifest_is_said_once_at_start(corpus, tmp_path, capsys):
+    cfg = load_config("demo", FAST + [f"data.train_manifest={corpus.train}", "trainer.max_steps=1"])
+    pretrain_trainer(cfg, tmp_path / "run")
+    err = capsys.readouterr().err
+    assert err.count("no data.noise_manifest") == 1
+    pretrain_trainer(load_config("demo", FAST + [f"data.train_manifest={corpus.train}", "trainer.max_steps=1",
+                                                 "model.augment.prob=0"]), tmp_path / "clean")
+    assert "no data.noise_manifest" not in capsys.readouterr().err
