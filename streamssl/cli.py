@@ -293,17 +293,21 @@ def _run_stream(args: argparse.Namespace) -> int:
         enc.set_default_att_context_size(pair)
     audio = torch.from_numpy(load_audio(args.audio, sample_rate=feats.sample_rate))
     r = stream_audio(enc, feats, audio, chunks_per_step=args.chunks_per_step)
+    _print_stream_report(args, r, f"att_context_size={list(enc.att_context_size)} ({enc.att_context_style})", "")
+    print(f"encoder frames: {r['output'].shape[0]}; streaming vs offline max |diff| = {r['max_abs_diff']:.2e}")
+    return 0
+
+
+def _print_stream_report(args: argparse.Namespace, r: dict, context: str, state_note: str) -> None:
+    """The latency/compute/RTF lines both `stream` paths print."""
     steps = sorted(r["step_ms"])
     p95 = steps[min(len(steps) - 1, int(0.95 * len(steps)))] if steps else float("nan")
-    print(f"audio: {args.audio} ({r['seconds']:.2f} s), att_context_size={list(enc.att_context_size)} "
-          f"({enc.att_context_style})")
+    print(f"audio: {args.audio} ({r['seconds']:.2f} s), {context}")
     print(f"chunk: {r['chunk_ms']:.0f} ms of audio per step; algorithmic lookahead {r['lookahead_ms']:.0f} ms, "
           f"latency {r['latency_ms']:.0f} ms")
     print(f"compute per step: mean {sum(steps) / max(len(steps), 1):.2f} ms, p95 {p95:.2f} ms over {len(steps)} steps "
-          f"({args.threads} thread(s))")
+          f"({args.threads} thread(s)){state_note}")
     print(f"real-time factor: {r['rtf']:.3f}")
-    print(f"encoder frames: {r['output'].shape[0]}; streaming vs offline max |diff| = {r['max_abs_diff']:.2e}")
-    return 0
 
 
 def _run_stream_onnx(args: argparse.Namespace) -> int:
@@ -318,15 +322,8 @@ def _run_stream_onnx(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.checkpoint}: exported from a bare encoder without feature settings; "
                          "export a checkpoint or exported encoder file instead")
     r = m.stream(load_audio(args.audio, sample_rate=m.features.sample_rate))
-    steps = sorted(r["step_ms"])
-    p95 = steps[min(len(steps) - 1, int(0.95 * len(steps)))] if steps else float("nan")
-    print(f"audio: {args.audio} ({r['seconds']:.2f} s), att_context_size={list(m.att_context_size)} "
-          f"({m.att_context_style}), onnxruntime")
-    print(f"chunk: {r['chunk_ms']:.0f} ms of audio per step; algorithmic lookahead {r['lookahead_ms']:.0f} ms, "
-          f"latency {r['latency_ms']:.0f} ms")
-    print(f"compute per step: mean {sum(steps) / max(len(steps), 1):.2f} ms, p95 {p95:.2f} ms over {len(steps)} steps "
-          f"({args.threads} thread(s)); stream state {r['state_bytes'] / 1e6:.2f} MB")
-    print(f"real-time factor: {r['rtf']:.3f}")
+    _print_stream_report(args, r, f"att_context_size={list(m.att_context_size)} ({m.att_context_style}), onnxruntime",
+                         f"; stream state {r['state_bytes'] / 1e6:.2f} MB")
     print(f"output frames: {r['output'].shape[0]}")
     if "tokens" in r:
         print(f"transcript: {r.get('text', r['tokens'])}")
