@@ -108,21 +108,27 @@ class ModelConfig:
 
 
 @dataclass
-class DataConfig:
-    # None: the demo corpus, written on first use into demo_dir.
+class AudioDataConfig:
+    """What every task reads: manifests, the embedded corpus's location, batching, filters."""
+
+    # None: the embedded demo corpus, written on first use into demo_dir.
     train_manifest: Optional[Any] = None  # a path or a list of paths
-    train_weights: Optional[List[float]] = None
     val_manifest: Optional[str] = None
-    noise_manifest: Optional[str] = None
     demo_dir: Optional[str] = None  # default: <out>/demo_data
-    # The embedded corpus used when train_manifest is null: "speech" (spoken commands in many
-    # eSpeak NG voices, with transcripts) or "phones" (the tiny synthetic phone corpus).
-    demo_corpus: str = "speech"
     batch_seconds: float = 60.0
     min_duration: float = 0.5
     max_duration: float = 20.0
     num_workers: int = 2
     strict: bool = False  # True: a corrupt audio file stops training
+
+
+@dataclass
+class DataConfig(AudioDataConfig):
+    train_weights: Optional[List[float]] = None
+    noise_manifest: Optional[str] = None
+    # The embedded corpus used when train_manifest is null: "speech" (spoken commands in many
+    # eSpeak NG voices, with transcripts) or "phones" (the tiny synthetic phone corpus).
+    demo_corpus: str = "speech"
     # Tar shards in NeMo's tarred layout: a pattern such as /data/audio__OP_0..511_CL_.tar (or
     # {0..511}, or a list of patterns); train_manifest is then their tarred manifest (members'
     # names, durations, shard_id), as `streamssl shard` writes. Read shard by shard, streaming.
@@ -194,16 +200,8 @@ class FinetuneModelConfig:
 
 
 @dataclass
-class FinetuneDataConfig:
-    # Manifests with `text`. None: the transcribed part of the embedded speech corpus.
-    train_manifest: Optional[Any] = None
-    val_manifest: Optional[str] = None
-    demo_dir: Optional[str] = None  # default: <out>/demo_data
-    batch_seconds: float = 60.0
-    min_duration: float = 0.5
-    max_duration: float = 20.0
-    num_workers: int = 2
-    strict: bool = False
+class FinetuneDataConfig(AudioDataConfig):
+    """Manifests with `text`; train_manifest None: the transcribed part of the embedded speech corpus."""
 
 
 @dataclass

@@ -347,4 +347,6 @@ def test_subsampling_layout_change_keeps_the_nchw_result():
         x = F.relu(m.pointwise[s](x).contiguous())
         lens = (lens + 1) // 2
     ref = m._project(x)
+    # Only the summation order differs: each output sums a few hundred float32 products of O(1)
+    # values over three stages, so differences stay within a few hundred ulps of 1 (~1e-5).
     assert torch.allclose(y, ref, atol=1e-5, rtol=1e-5)

@@ -2,7 +2,7 @@
 
 import pytest
 
-pytest.importorskip("matplotlib")
+pytest.importorskip("matplotlib", reason="streamssl plot needs the optional matplotlib: pip install 'streamssl[plot]'")
 
 from streamssl.cli import main  # noqa: E402
 from streamssl.config import load_config  # noqa: E402

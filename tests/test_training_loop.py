@@ -116,7 +116,8 @@ def test_logged_losses_name_what_they_average(corpus, tmp_path):
         assert r["loss"] > 0 and r["loss_optimised"] > 0
     one = tmp_path / "one"
     pretrain_trainer(_cfg(corpus, "trainer.max_steps=2"), one).fit()
-    assert all(r["loss"] == pytest.approx(r["loss_optimised"], rel=1e-6) for r in _metrics(one))
+    # One micro-batch: both are the same float32 loss, one of them through (x * w) / w in float64.
+    assert all(r["loss"] == pytest.approx(r["loss_optimised"], rel=1e-12) for r in _metrics(one))
 
 
 def test_no_noise_manifest_is_said_once_at_start(corpus, tmp_path, capsys):

@@ -63,6 +63,21 @@ class EpochPlan:
         return k * self._world + self._rank
 
 
+
+def check_resume_settings(state: dict, settings: dict, consequence: str) -> tuple[int, int]:
+    """(epoch, position) of a loader state whose plan-defining ``settings`` still hold.
+
+    Raises ValueError naming the first setting that changed since the state was saved.
+    """
+    for key, mine in settings.items():
+        if key in state and state[key] != mine:
+            raise ValueError(f"cannot resume the data position: {key} was {state[key]} when it was "
+                             f"saved and is {mine} now ({consequence})")
+    epoch, position = int(state["epoch"]), int(state["position"])
+    if position < 0:
+        raise ValueError(f"state['position'] must be >= 0, got {position}")
+    return epoch, position
+
 class BucketBatchSampler:
     """Batch sampler with a padded-seconds budget per batch (see the module docstring).
 
@@ -236,14 +251,9 @@ class BucketBatchSampler:
 
     def load_state_dict(self, state: dict) -> None:
         """Resume at ``state``'s (epoch, position). The plan-defining settings must match."""
-        for key, mine in (("seed", self.seed), ("world_size", self.world_size),
-                          ("num_utterances", int(self.durations.shape[0])),
-                          ("batch_seconds", self.batch_seconds)):
-            if key in state and state[key] != mine:
-                raise ValueError(f"cannot resume the data position: {key} was {state[key]} when it was "
-                                 f"saved and is {mine} now (the batch plan would differ)")
-        epoch, position = int(state["epoch"]), int(state["position"])
-        if position < 0:
-            raise ValueError(f"state['position'] must be >= 0, got {position}")
+        epoch, position = check_resume_settings(
+            state, {"seed": self.seed, "world_size": self.world_size,
+                    "num_utterances": int(self.durations.shape[0]), "batch_seconds": self.batch_seconds},
+            "the batch plan would differ")
         self.epoch, self.position = epoch, position
         self._plan_cache = None

@@ -51,7 +51,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from .audio import AudioReadError, load_audio
 from .loader import _NOISE_SALT, AudioBatchDataset, _identity
 from .manifest import ManifestError, ManifestIndex, load_manifest
-from .sampler import BucketBatchSampler
+from .sampler import BucketBatchSampler, check_resume_settings
 from .shards import expand_shard_pattern
 
 __all__ = ["TarredIndex", "load_tarred_manifest", "assign_shards", "ShardStreamDataset", "ShardLoader",
@@ -570,13 +570,7 @@ class ShardLoader:
         if state.get("kind") != "shards":
             raise ValueError("cannot resume the data position: the checkpoint was written reading a manifest "
                              f"file by file, this run reads tar shards ({KEY})")
-        for key, mine in self._settings().items():
-            if key in state and state[key] != mine:
-                raise ValueError(f"cannot resume the data position: {key} was {state[key]} when it was saved and "
-                                 f"is {mine} now (the shard plan would differ)")
-        epoch, position = int(state["epoch"]), int(state["position"])
-        if position < 0:
-            raise ValueError(f"state['position'] must be >= 0, got {position}")
+        epoch, position = check_resume_settings(state, self._settings(), "the shard plan would differ")
         if state.get("rank", 0) == self.dataset.rank and "streams" in state:
             if state["streams"] != self.dataset.streams_state(epoch, position):
                 raise ValueError("cannot resume the data position: the saved shard order / offsets do not match "

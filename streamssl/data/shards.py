@@ -58,30 +58,8 @@ def _read_lines(manifest: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def write_shards(manifest: str | os.PathLike | Sequence[str | os.PathLike], out_dir: str | os.PathLike,
-                 target_mb: float = 500.0, fmt: str = "flac", *, seed: int = 0,
-                 num_shards: int | None = None) -> ShardSet:
-    """Write the utterances of ``manifest`` as duration-balanced tar shards (module docstring).
-
-    Args:
-        manifest: a JSON-lines manifest (or a list of them), validated as for training.
-        out_dir: created if needed; existing ``audio_*.tar`` there are replaced.
-        target_mb: aimed-at shard size in MB of PCM-16 audio (FLAC members are smaller).
-        fmt: ``"flac"`` (lossless, about half the size) or ``"wav"``; members are 16-bit PCM at
-            the source's sample rate.
-        seed: the shuffle that orders the members inside each shard.
-        num_shards: force this many shards instead of deriving it from ``target_mb``.
-    Unreadable inputs are left out and listed in ``skipped``.
-    """
-    if fmt not in _FORMATS:
-        raise ValueError(f"fmt must be one of {sorted(_FORMATS)}, got {fmt!r}")
-    if not (target_mb > 0):
-        raise ValueError(f"target_mb must be > 0, got {target_mb}")
-    manifests = [os.fspath(manifest)] if isinstance(manifest, (str, os.PathLike)) else [os.fspath(m) for m in manifest]
-    index = load_manifest(manifests, keep_text=False)
-    lines = [line for m in manifests for line in _read_lines(m)]
-    if len(lines) != len(index):  # load_manifest keeps every valid line when unfiltered
-        raise ValueError(f"{', '.join(manifests)}: could not match manifest lines to the index")
+def _plan_shards(index, target_mb: float, seed: int, num_shards: int | None) -> list[list[int]]:
+    """Utterance indices per shard: duration-balanced, each shard in a seeded random order."""
     n = len(index)
     # Size estimate: 16-bit PCM at each file's rate (read from the header once per file).
     rates: dict[str, int] = {}
@@ -107,7 +85,35 @@ def write_shards(manifest: str | os.PathLike | Sequence[str | os.PathLike], out_
         s = int(np.argmin(load))
         members[s].append(int(i))
         load[s] += float(index.durations[i])
-    members = [sorted(rows, key=lambda i: rank[i]) for rows in members]
+    return [sorted(rows, key=lambda i: rank[i]) for rows in members]
+
+
+def write_shards(manifest: str | os.PathLike | Sequence[str | os.PathLike], out_dir: str | os.PathLike,
+                 target_mb: float = 500.0, fmt: str = "flac", *, seed: int = 0,
+                 num_shards: int | None = None) -> ShardSet:
+    """Write the utterances of ``manifest`` as duration-balanced tar shards (module docstring).
+
+    Args:
+        manifest: a JSON-lines manifest (or a list of them), validated as for training.
+        out_dir: created if needed; existing ``audio_*.tar`` there are replaced.
+        target_mb: aimed-at shard size in MB of PCM-16 audio (FLAC members are smaller).
+        fmt: ``"flac"`` (lossless, about half the size) or ``"wav"``; members are 16-bit PCM at
+            the source's sample rate.
+        seed: the shuffle that orders the members inside each shard.
+        num_shards: force this many shards instead of deriving it from ``target_mb``.
+    Unreadable inputs are left out and listed in ``skipped``.
+    """
+    if fmt not in _FORMATS:
+        raise ValueError(f"fmt must be one of {sorted(_FORMATS)}, got {fmt!r}")
+    if not (target_mb > 0):
+        raise ValueError(f"target_mb must be > 0, got {target_mb}")
+    manifests = [os.fspath(manifest)] if isinstance(manifest, (str, os.PathLike)) else [os.fspath(m) for m in manifest]
+    index = load_manifest(manifests, keep_text=False)
+    lines = [line for m in manifests for line in _read_lines(m)]
+    if len(lines) != len(index):  # load_manifest keeps every valid line when unfiltered
+        raise ValueError(f"{', '.join(manifests)}: could not match manifest lines to the index")
+    members = _plan_shards(index, target_mb, seed, num_shards)
+    num_shards = len(members)
 
     out_dir = os.path.abspath(os.fspath(out_dir))
     os.makedirs(out_dir, exist_ok=True)
