@@ -13,6 +13,32 @@ import time
 import torch
 
 
+def stream_steps(encoder, features, audio: torch.Tensor, chunks_per_step: int = 1):
+    """Feed one utterance chunk by chunk; yields each step's new encoder frames and its compute time.
+
+    Args:
+        encoder, features: in eval mode. audio: (N,) at ``features.sample_rate``, in the dtype to
+            compute in. chunks_per_step: encoder chunks per step.
+    Yields:
+        ((1, n, D) new frames, seconds spent on the step, features and encoder both included).
+    """
+    step_frames = encoder.stream_chunk_frames() * chunks_per_step
+    step_samples = step_frames * features.hop_length
+    state = encoder.init_stream_state(1, device=audio.device)
+    cache = None
+    for start in range(0, max(audio.numel(), 1), step_samples):
+        t0 = time.perf_counter()
+        feats, cache = features.stream_step(audio[start : start + step_samples].unsqueeze(0), cache)
+        k = feats.shape[1]  # <= step_frames
+        last = start + step_samples >= audio.numel()
+        if k < step_frames:
+            feats = torch.nn.functional.pad(feats, (0, 0, 0, step_frames - k))
+        out, out_len, state = encoder.stream_step(feats, torch.tensor([k]), state, final=last)
+        yield out[:, : int(out_len[0])], time.perf_counter() - t0
+        if last:
+            return
+
+
 @torch.no_grad()
 def stream_audio(encoder, features, audio: torch.Tensor, chunks_per_step: int = 1) -> dict:
     """Stream one utterance through ``features`` + ``encoder`` and measure it.
@@ -32,25 +58,13 @@ def stream_audio(encoder, features, audio: torch.Tensor, chunks_per_step: int = 
         raise ValueError(f"audio must be (N,), got shape {tuple(audio.shape)}")
     hop = features.hop_length
     step_frames = encoder.stream_chunk_frames() * chunks_per_step
-    step_samples = step_frames * hop
     # Compute in the encoder's dtype (float32 normally; float64 gives a rounding-free comparison).
     audio = audio.to(next(encoder.parameters()).dtype)
     n_frames = audio.numel() // hop
-    state = encoder.init_stream_state(1, device=audio.device)
-    cache, outputs, times = None, [], []
-    for start in range(0, max(audio.numel(), 1), step_samples):
-        t0 = time.perf_counter()
-        piece = audio[start : start + step_samples].unsqueeze(0)
-        feats, cache = features.stream_step(piece, cache)  # (1, k, F), k <= step_frames
-        k = feats.shape[1]
-        last = start + step_samples >= audio.numel()
-        if k < step_frames:
-            feats = torch.nn.functional.pad(feats, (0, 0, 0, step_frames - k))
-        out, out_len, state = encoder.stream_step(feats, torch.tensor([k]), state, final=last)
-        outputs.append(out[0, : int(out_len[0])])
-        times.append(time.perf_counter() - t0)
-        if last:
-            break
+    outputs, times = [], []
+    for out, seconds in stream_steps(encoder, features, audio, chunks_per_step):
+        outputs.append(out[0])
+        times.append(seconds)
     streamed = torch.cat(outputs) if outputs else audio.new_zeros(0, encoder.d_model)
     offline_feats, feat_len = features(audio.unsqueeze(0), torch.tensor([audio.numel()]))
     offline, off_len = encoder(offline_feats, feat_len)

@@ -35,11 +35,12 @@ def read_inputs(audio: list[str], manifest: str | None) -> tuple[list[dict], boo
             raise FileNotFoundError(f"audio file not found: {a}")
     has_text = False
     if manifest is not None:
-        lines = [ln for ln in Path(manifest).read_text(encoding="utf-8").splitlines() if ln.strip()]
-        has_text = any('"text"' in ln for ln in lines)
-        index = load_manifest(manifest, require_text=has_text)  # validates every line, naming it
-        for i, ln in enumerate(lines):
-            item = json.loads(ln)
+        index = load_manifest(manifest)  # validates every line, naming it
+        rows = [json.loads(ln) for ln in Path(manifest).read_text(encoding="utf-8").splitlines() if ln.strip()]
+        has_text = any("text" in r for r in rows)
+        if has_text:  # scoring needs every transcript: the same check names the first bad line
+            load_manifest(manifest, require_text=True)
+        for i, item in enumerate(rows):
             item["_path"], item["_offset"], item["_duration"] = index.path(i), float(index.offsets[i]), float(index.durations[i])
             items.append(item)
     return items, has_text

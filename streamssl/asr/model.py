@@ -73,28 +73,19 @@ class CTCModel(nn.Module):
             raise RuntimeError("stream needs eval mode (dropout, dither and SpecAugment would change the output)")
         if audio.dim() != 1:
             raise ValueError(f"audio must be (N,), got shape {tuple(audio.shape)}")
+        from streamssl.stream import stream_steps
+
         enc, feats_mod = self.encoder, self.features
         audio = audio.to(self.head.proj.weight.dtype)  # float64 models give a rounding-free comparison
-        hop = feats_mod.hop_length
-        step_frames = enc.stream_chunk_frames() * chunks_per_step
-        step_samples = step_frames * hop
-        state = enc.init_stream_state(1, device=audio.device)
         decoder = StreamingGreedyDecoder(1, self.blank_id)
-        cache, times = None, []
-        for start in range(0, max(audio.numel(), 1), step_samples):
+        times = []
+        for out, seconds in stream_steps(enc, feats_mod, audio, chunks_per_step):
             t0 = time.perf_counter()
-            feats, cache = feats_mod.stream_step(audio[start : start + step_samples].unsqueeze(0), cache)
-            k = feats.shape[1]
-            last = start + step_samples >= audio.numel()
-            if k < step_frames:
-                feats = nn.functional.pad(feats, (0, 0, 0, step_frames - k))
-            out, out_len, state = enc.stream_step(feats, torch.tensor([k]), state, final=last)
-            decoder.step(self.head(out), out_len)
-            times.append(time.perf_counter() - t0)
+            decoder.step(self.head(out), torch.tensor([out.shape[1]]))
+            times.append(seconds + time.perf_counter() - t0)
             if on_tokens is not None:
                 on_tokens(decoder.tokens[0])
-            if last:
-                break
+        step_samples = enc.stream_chunk_frames() * chunks_per_step * feats_mod.hop_length
         seconds = audio.numel() / feats_mod.sample_rate
         return {"tokens": decoder.tokens[0], "step_ms": [t * 1000.0 for t in times],
                 "chunk_ms": step_samples * 1000.0 / feats_mod.sample_rate, "lookahead_ms": enc.lookahead_ms(),
