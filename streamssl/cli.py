@@ -200,6 +200,48 @@ def _run_transcribe(args: argparse.Namespace) -> int:
     return transcribe_command(args)
 
 
+# -- probe -----------------------------------------------------------------------------------------
+def _args_probe(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--init", required=True, metavar="RUN",
+                   help="pretraining run directory, checkpoint or exported encoder (as for finetune --init)")
+    p.add_argument("--train-manifest", required=True, help="transcribed manifest the probes train on")
+    p.add_argument("--test-manifest", required=True, help="transcribed manifest they are scored on (held-out voices)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="probe seeds (one probe per seed)")
+    p.add_argument("--steps", type=int, default=1500, help="Adam steps per probe")
+    p.add_argument("--vocab-size", type=int, default=128, help="BPE pieces of the probes' CTC vocabulary")
+    p.add_argument("--only", nargs="+", choices=("encoder", "random", "logmel"), default=None,
+                   help="representations to probe (default: all three)")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+
+
+def _run_probe(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from streamssl.asr.probe import REPRESENTATIONS, compare_representations
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    t0 = time.perf_counter()
+    res = compare_representations(args.init, args.train_manifest, args.test_manifest, seeds=args.seeds,
+                                  vocab_size=args.vocab_size, representations=args.only or REPRESENTATIONS,
+                                  steps=args.steps, log=lambda line: print(line, file=sys.stderr, flush=True))
+    label = {"encoder": f"pretrained ({args.init})", "random": "random-init encoder",
+             "logmel": "8 stacked log-mel frames"}
+    print(f"frozen probe, test CER / WER (%), seeds {' '.join(map(str, args.seeds))}; {time.perf_counter() - t0:.0f} s")
+    for rep, rows in res.items():
+        cer = " ".join(f"{r['cer']:.1f}" for r in rows)
+        wer = " ".join(f"{r['wer']:.1f}" for r in rows)
+        print(f"  {label[rep]:40s} CER {cer}   WER {wer}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=1) + "\n")
+    return 0
+
+
 # -- plot ------------------------------------------------------------------------------------------
 def _args_plot(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", metavar="RUN_DIR", help="a pretraining or fine-tuning run directory")
@@ -369,6 +411,8 @@ COMMANDS: dict[str, Command] = {
                         _args_finetune, _run_finetune),
     "transcribe": Command("transcribe files or a manifest with a fine-tuned model (offline or streaming); WER/CER",
                           _args_transcribe, _run_transcribe),
+    "probe": Command("frozen-encoder probe: a pretrained encoder vs a random one vs log-mel frames (CER/WER)",
+                     _args_probe, _run_probe),
     "plot": Command("training and validation curves of a run as PNG files", _args_plot, _run_plot),
     "export-encoder": Command("write the encoder of a pretraining checkpoint for fine-tuning",
                               _args_export_encoder, _run_export_encoder),

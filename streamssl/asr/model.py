@@ -123,3 +123,21 @@ def load_ctc_model(path: str | os.PathLike, map_location="cpu") -> tuple[CTCMode
     model = CTCModel(state["encoder_config"], state["features_config"], tokenizer.vocab_size)
     load_state_strict(model, state["model"], str(p))
     return model.to(map_location).eval(), tokenizer
+
+
+def read_init(path: str | os.PathLike) -> dict:
+    """Encoder and features (configs and weights) of a run directory, checkpoint or exported encoder."""
+    from streamssl.export import _read
+
+    p = resolve_model_path(path, "--init")
+    state = load_checkpoint(p)
+    if state.get("format") == FORMAT:
+        model = state["model"]
+        pick = lambda prefix: {k[len(prefix):]: v for k, v in model.items() if k.startswith(prefix)}  # noqa: E731
+        return {"encoder_config": state["encoder_config"], "features_config": state["features_config"],
+                "encoder": pick("encoder."), "features": pick("features."), "source": str(p)}
+    try:
+        exported = _read(p)
+    except CheckpointError as e:
+        raise CheckpointError(f"--init {path}: {e}") from None
+    return {**exported, "source": str(p)}

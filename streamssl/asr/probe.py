@@ -125,3 +125,67 @@ def probe_error_rates(train: ProbeSet, test: ProbeSet, tokenizer: Tokenizer, **k
     """Train a probe on ``train``, score it on ``test``: {"cer", "wer"} in percent."""
     counts = score_probe(train_probe(train, tokenizer, **kwargs), test, tokenizer)
     return {"cer": counts.cer, "wer": counts.wer}
+
+
+REPRESENTATIONS = ("encoder", "random", "logmel")
+
+
+def compare_representations(init, train_manifest, test_manifest, *, seeds=(0, 1), vocab_size: int = 128,
+                            representations=REPRESENTATIONS, log=None, **probe_kwargs) -> dict[str, list[dict]]:
+    """The frozen-probe comparison: a pretrained encoder against a random one and the raw input.
+
+    Args:
+        init: run directory, checkpoint or exported encoder (anything ``streamssl finetune --init``
+            takes); its features (global statistics included) serve all three representations.
+        train_manifest, test_manifest: transcribed manifests (every line has ``text``); the
+            tokenizer (``vocab_size`` BPE pieces) is trained on the training transcripts.
+        seeds: probe seeds; each representation gets one probe per seed, with the same budget.
+        representations: a subset of ``REPRESENTATIONS``: ``encoder`` (the pretrained weights),
+            ``random`` (the same architecture, fresh weights from seed 0), ``logmel`` (8 stacked
+            log-mel frames per encoder frame).
+        log: callable taking a progress line, or None.
+        probe_kwargs: ``train_probe`` options (hidden, steps, batch_size, lr).
+    Returns:
+        {representation: [{"seed", "cer", "wer"} per seed]} in percent.
+    """
+    from streamssl.asr.model import read_init
+    from streamssl.checkpoint import load_state_strict
+    from streamssl.data.manifest import load_manifest
+    from streamssl.nn.encoder import FastConformerEncoder
+    from streamssl.ssl.features import LogMelFeatures
+
+    unknown = [r for r in representations if r not in REPRESENTATIONS]
+    if unknown:
+        raise ValueError(f"representations: unknown {unknown}; choose from {list(REPRESENTATIONS)}")
+    say = log or (lambda line: None)
+    state = read_init(init)
+    features = LogMelFeatures(**state["features_config"])
+    load_state_strict(features, state["features"], state["source"])
+    features.eval()
+    encoders = {}
+    if "encoder" in representations:
+        encoders["encoder"] = FastConformerEncoder(**state["encoder_config"])
+        load_state_strict(encoders["encoder"], state["encoder"], state["source"])
+    if "random" in representations:
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            encoders["random"] = FastConformerEncoder(**state["encoder_config"])
+    if "logmel" in representations:
+        encoders["logmel"] = None
+    sets = {}
+    for name, path in (("train", train_manifest), ("test", test_manifest)):
+        sets[name] = load_manifest(path, keep_text=True, require_text=True)
+    tokenizer = Tokenizer.train([sets["train"].text(i) for i in range(len(sets["train"]))], vocab_size)
+    results: dict[str, list[dict]] = {}
+    for rep in representations:
+        enc = encoders[rep]
+        if enc is not None:
+            enc.eval()
+        say(f"{rep}: extracting frames of {len(sets['train'])} + {len(sets['test'])} utterances")
+        train, test = (extract_frames(sets[s], features, enc) for s in ("train", "test"))
+        results[rep] = []
+        for seed in seeds:
+            r = probe_error_rates(train, test, tokenizer, seed=seed, **probe_kwargs)
+            say(f"{rep}: probe seed {seed}: CER {r['cer']:.1f} %, WER {r['wer']:.1f} %")
+            results[rep].append({"seed": seed, **r})
+    return results

@@ -21,33 +21,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from streamssl.asr.ctc import ctc_loss, greedy_tokens
 from streamssl.asr.metrics import ErrorCounts
-from streamssl.asr.model import FORMAT as CTC_FORMAT
-from streamssl.asr.model import CTCModel, model_state, resolve_model_path
+from streamssl.asr.model import CTCModel, model_state, read_init
 from streamssl.asr.tokenizer import Tokenizer
-from streamssl.checkpoint import CheckpointError, load_checkpoint, load_state_strict
+from streamssl.checkpoint import load_state_strict
 from streamssl.config import ConfigError, as_list
 from streamssl.data.loader import build_loader
 from streamssl.data.manifest import load_manifest
 from streamssl.train.loop import Runtime, Trainer, decay_param_groups, run
 from streamssl.train.pretraining import demo_corpus
-
-
-def read_init(path: str | os.PathLike) -> dict:
-    """Encoder and features (configs and weights) of a run directory, checkpoint or exported encoder."""
-    from streamssl.export import _read
-
-    p = resolve_model_path(path, "--init")
-    state = load_checkpoint(p)
-    if state.get("format") == CTC_FORMAT:
-        model = state["model"]
-        pick = lambda prefix: {k[len(prefix):]: v for k, v in model.items() if k.startswith(prefix)}  # noqa: E731
-        return {"encoder_config": state["encoder_config"], "features_config": state["features_config"],
-                "encoder": pick("encoder."), "features": pick("features."), "source": str(p)}
-    try:
-        exported = _read(p)
-    except CheckpointError as e:
-        raise CheckpointError(f"--init {path}: {e}") from None
-    return {**exported, "source": str(p)}
 
 
 def _contexts(ctx) -> list[list[int]]:
