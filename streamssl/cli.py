@@ -191,7 +191,7 @@ def _args_transcribe(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-seconds", type=float, default=120.0, help="audio per offline batch")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--onnx", action="store_true",
-                   help="--model is a graph from `streamssl export-onnx`: stream it with onnxruntime")
+                   help="--model is a graph from `streamssl export --onnx`: stream it with onnxruntime")
 
 
 def _run_transcribe(args: argparse.Namespace) -> int:
@@ -211,6 +211,9 @@ def _args_probe(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vocab-size", type=int, default=128, help="BPE pieces of the probes' CTC vocabulary")
     p.add_argument("--only", nargs="+", choices=("encoder", "random", "logmel"), default=None,
                    help="representations to probe (default: all three)")
+    p.add_argument("--layer", type=int, default=None,
+                   help="probe this conformer block's output (1..n_layers; 0: the subsampling) of both encoders "
+                        "instead of the last")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
 
@@ -229,7 +232,7 @@ def _run_probe(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     res = compare_representations(args.init, args.train_manifest, args.test_manifest, seeds=args.seeds,
                                   vocab_size=args.vocab_size, representations=args.only or REPRESENTATIONS,
-                                  steps=args.steps, log=lambda line: print(line, file=sys.stderr, flush=True))
+                                  layer=args.layer, steps=args.steps, log=lambda line: print(line, file=sys.stderr, flush=True))
     label = {"encoder": f"pretrained ({args.init})", "random": "random-init encoder",
              "logmel": "8 stacked log-mel frames"}
     print(f"frozen probe, test CER / WER (%), seeds {' '.join(map(str, args.seeds))}; {time.perf_counter() - t0:.0f} s")
@@ -304,6 +307,27 @@ def _run_export_onnx(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- export (one entry for both formats) -------------------------------------------------------------
+def _args_export(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--onnx", action="store_true",
+                   help="write the streaming step as an ONNX graph (else: the encoder as a PyTorch file for "
+                        "--init and streamssl.load_encoder)")
+    _args_export_onnx(p)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from streamssl.asr.model import resolve_model_path
+
+    if args.onnx:
+        return _run_export_onnx(args)
+    onnx_only = [f for f, on in (("--int8", args.int8), ("--att-context-size", args.att_context_size),
+                                 ("--chunks-per-step", args.chunks_per_step != 1)) if on]
+    if onnx_only:
+        raise ValueError(f"{', '.join(onnx_only)}: ONNX export options; add --onnx")
+    args.checkpoint = str(resolve_model_path(args.model))
+    return _run_export_encoder(args)
+
+
 # -- stream ----------------------------------------------------------------------------------------
 def _args_stream(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", metavar="CKPT", help="exported encoder or pretraining checkpoint")
@@ -313,7 +337,7 @@ def _args_stream(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunks-per-step", type=int, default=1, help="encoder chunks fed per step")
     p.add_argument("--threads", type=int, default=1, help="CPU threads (1: as on a device)")
     p.add_argument("--onnx", action="store_true",
-                   help="CKPT is a graph from `streamssl export-onnx`: run it with onnxruntime (streamssl.runtime)")
+                   help="CKPT is a graph from `streamssl export --onnx`: run it with onnxruntime (streamssl.runtime)")
 
 
 def _run_stream(args: argparse.Namespace) -> int:
@@ -357,7 +381,7 @@ def _run_stream_onnx(args: argparse.Namespace) -> int:
     from streamssl.runtime import OnnxStreamingEncoder
 
     if args.att_context_size or args.chunks_per_step != 1:
-        raise ValueError("--onnx: the context and chunk are fixed at export (streamssl export-onnx --att-context-size, "
+        raise ValueError("--onnx: the context and chunk are fixed at export (streamssl export --onnx --att-context-size, "
                          "--chunks-per-step)")
     m = OnnxStreamingEncoder(args.checkpoint, threads=args.threads)
     if m.features is None:
@@ -414,9 +438,11 @@ COMMANDS: dict[str, Command] = {
     "probe": Command("frozen-encoder probe: a pretrained encoder vs a random one vs log-mel frames (CER/WER)",
                      _args_probe, _run_probe),
     "plot": Command("training and validation curves of a run as PNG files", _args_plot, _run_plot),
-    "export-encoder": Command("write the encoder of a pretraining checkpoint for fine-tuning",
+    "export": Command("export a model: --onnx for the streaming step as ONNX, else the encoder for --init",
+                      _args_export, _run_export),
+    "export-encoder": Command("write the encoder of a pretraining checkpoint for fine-tuning (= export)",
                               _args_export_encoder, _run_export_encoder),
-    "export-onnx": Command("write the streaming step (with its CTC head, if any) as one ONNX graph",
+    "export-onnx": Command("write the streaming step (with its CTC head, if any) as one ONNX graph (= export --onnx)",
                            _args_export_onnx, _run_export_onnx),
     "stream": Command("stream an audio file chunk by chunk through an encoder; latency and RTF",
                       _args_stream, _run_stream),

@@ -54,7 +54,7 @@ def load_encoder(path: str | os.PathLike, map_location="cpu", with_features: boo
     """Rebuild the pretrained encoder (in eval mode).
 
     Args:
-        path: a file from ``export_encoder`` / ``streamssl export-encoder``, or a pretraining
+        path: a file from ``export_encoder`` / ``streamssl export``, or a pretraining
             checkpoint (``<run>/checkpoints/last.pt``).
         map_location: where to put the weights.
         with_features: also return the matching ``LogMelFeatures`` (its global statistics

@@ -130,14 +130,14 @@ def _load_onnx(args):
     from streamssl.runtime import OnnxStreamingEncoder
 
     if args.chunks_per_step != 1:
-        raise ValueError("--onnx: the chunk is fixed at export (streamssl export-onnx --chunks-per-step)")
+        raise ValueError("--onnx: the chunk is fixed at export (streamssl export --onnx --chunks-per-step)")
     pair = None
     if args.att_context_size:
         pair = [int(v) for v in args.att_context_size.split(",")]
     m = OnnxStreamingEncoder(args.model, threads=args.threads or 1, att_context_size=pair)
     if m.output != "log_probs" or m.vocabulary is None or m.features is None:
         raise ValueError(f"{args.model}: not a fine-tuned model's graph (export one with "
-                         "`streamssl export-onnx --model RUN_DIR`)")
+                         "`streamssl export --onnx --model RUN_DIR`)")
     return m
 
 

@@ -154,7 +154,7 @@ def test_ctc_model_transcripts_are_identical(tmp_path, capsys):
     atomic_save({"model": model.state_dict(), **model_state(model, tok)}, ckpt)
     model, tok = load_ctc_model(tmp_path / "run")
     path = tmp_path / "ctc.onnx"
-    assert main(["export-onnx", "--model", str(tmp_path / "run"), str(path), "--chunks-per-step", "2"]) == 0
+    assert main(["export", "--onnx", "--model", str(tmp_path / "run"), str(path), "--chunks-per-step", "2"]) == 0
     m = OnnxStreamingEncoder(path, att_context_size=[16, 0])
     assert m.output == "log_probs" and m.blank_id == tok.vocab_size and m.vocabulary == tok.pieces()
     want = model.stream(torch.from_numpy(audio), chunks_per_step=2)["tokens"]

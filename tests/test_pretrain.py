@@ -241,7 +241,9 @@ def test_export_load_and_stream(corpus, tmp_path):
     cfg = load_config("demo", FAST + _data(corpus) + ["trainer.max_steps=2", "model.encoder.att_context_size=[-1,1]"])
     Trainer(cfg, out).fit()
     enc_path = tmp_path / "encoder.pt"
-    res = _run_cli(["export-encoder", str(out / "checkpoints" / "last.pt"), str(enc_path)])
+    res = _run_cli(["export", "--model", str(out), str(enc_path), "--int8"])
+    assert res.returncode == 1 and "--int8: ONNX export options; add --onnx" in res.stderr, res.stderr
+    res = _run_cli(["export", "--model", str(out), str(enc_path)])  # a run directory means its last.pt
     assert res.returncode == 0, res.stderr
     enc, feats = load_encoder(enc_path, with_features=True)
     state = load_checkpoint(out / "checkpoints" / "last.pt")

@@ -34,7 +34,8 @@ class ProbeSet:
 
 
 @torch.no_grad()
-def extract_frames(index, features, encoder=None, stack: int = 8, batch_seconds: float = 60.0) -> ProbeSet:
+def extract_frames(index, features, encoder=None, stack: int = 8, batch_seconds: float = 60.0,
+                   layer: int | None = None) -> ProbeSet:
     """Frames of every utterance of a transcribed manifest index (loaded with ``keep_text=True``).
 
     Args:
@@ -42,18 +43,22 @@ def extract_frames(index, features, encoder=None, stack: int = 8, batch_seconds:
         features: LogMelFeatures (eval mode; dither off).
         encoder: FastConformerEncoder (eval mode), or None for stacked log-mel frames.
         stack: log-mel frames per output frame when ``encoder`` is None (the subsampling factor).
+        layer: with an encoder, the output of conformer block ``layer`` (1..n_layers; 0 is the
+            subsampling's output) instead of the encoder's output.
     Returns:
         ProbeSet in the index's order.
     """
     from streamssl.data.loader import build_loader
 
+    if encoder is not None and layer is not None and not 0 <= layer <= encoder.n_layers:
+        raise ValueError(f"layer must be in 0..{encoder.n_layers} for this encoder, got {layer}")
     loader = build_loader(index, None, batch_seconds=batch_seconds, shuffle=False, num_workers=0,
                           sample_rate=features.sample_rate, strict=True)
     frames: dict[int, torch.Tensor] = {}
     for batch in loader:
         feats, lengths = features(batch["audio"], batch["audio_lengths"])
         if encoder is not None:
-            out, out_len = encoder(feats, lengths)
+            out, out_len = _encode(encoder, feats, lengths, layer)
         else:
             B, T, Fdim = feats.shape
             Tq = -(-T // stack)
@@ -62,6 +67,21 @@ def extract_frames(index, features, encoder=None, stack: int = 8, batch_seconds:
         for b, i in enumerate(batch["indices"].tolist()):
             frames[i] = out[b, : int(out_len[b])].float().clone()
     return ProbeSet([frames[i] for i in range(len(index))], [index.text(i) for i in range(len(index))])
+
+
+def _encode(encoder, feats: torch.Tensor, lengths: torch.Tensor, layer: int | None):
+    """The encoder's output, or block ``layer``'s (caught by a forward hook: the encoder's own
+    forward runs unchanged)."""
+    if layer is None or layer == encoder.n_layers:
+        return encoder(feats, lengths)
+    module = encoder.subsampling if layer == 0 else encoder.layers[layer - 1]
+    caught = []
+    handle = module.register_forward_hook(lambda m, args, out: caught.append(out[0] if isinstance(out, tuple) else out))
+    try:
+        _, out_len = encoder(feats, lengths)
+    finally:
+        handle.remove()
+    return caught[0], out_len
 
 
 class MLPProbe(nn.Module):
@@ -131,7 +151,8 @@ REPRESENTATIONS = ("encoder", "random", "logmel")
 
 
 def compare_representations(init, train_manifest, test_manifest, *, seeds=(0, 1), vocab_size: int = 128,
-                            representations=REPRESENTATIONS, log=None, **probe_kwargs) -> dict[str, list[dict]]:
+                            representations=REPRESENTATIONS, layer: int | None = None, log=None,
+                            **probe_kwargs) -> dict[str, list[dict]]:
     """The frozen-probe comparison: a pretrained encoder against a random one and the raw input.
 
     Args:
@@ -143,6 +164,8 @@ def compare_representations(init, train_manifest, test_manifest, *, seeds=(0, 1)
         representations: a subset of ``REPRESENTATIONS``: ``encoder`` (the pretrained weights),
             ``random`` (the same architecture, fresh weights from seed 0), ``logmel`` (8 stacked
             log-mel frames per encoder frame).
+        layer: probe conformer block ``layer``'s output of both encoders instead of the last
+            (``extract_frames``).
         log: callable taking a progress line, or None.
         probe_kwargs: ``train_probe`` options (hidden, steps, batch_size, lr).
     Returns:
@@ -182,7 +205,7 @@ def compare_representations(init, train_manifest, test_manifest, *, seeds=(0, 1)
         if enc is not None:
             enc.eval()
         say(f"{rep}: extracting frames of {len(sets['train'])} + {len(sets['test'])} utterances")
-        train, test = (extract_frames(sets[s], features, enc) for s in ("train", "test"))
+        train, test = (extract_frames(sets[s], features, enc, layer=layer) for s in ("train", "test"))
         results[rep] = []
         for seed in seeds:
             r = probe_error_rates(train, test, tokenizer, seed=seed, **probe_kwargs)

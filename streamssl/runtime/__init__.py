@@ -3,7 +3,7 @@ import torch).
 
 ::
 
-    m = OnnxStreamingEncoder("enc.onnx", threads=1)        # from streamssl.onnx_export / `streamssl export-onnx`
+    m = OnnxStreamingEncoder("enc.onnx", threads=1)        # from streamssl.onnx_export / `streamssl export --onnx`
     state = m.init_stream_state(batch_size)
     out, out_lengths, state = m.stream_step(chunk, chunk_lengths, state)   # (B, k, F) float32, (B,) int64
     m.stream_chunk_frames()
@@ -155,7 +155,7 @@ class OnnxStreamingEncoder:
         self.session = ort.InferenceSession(self.path, sess_options=opts, providers=["CPUExecutionProvider"])
         meta = dict(self.session.get_modelmeta().custom_metadata_map)
         if meta.get("format") != FORMAT:
-            raise ValueError(f"{self.path}: not a streamssl streaming graph (export one with `streamssl export-onnx`)")
+            raise ValueError(f"{self.path}: not a streamssl streaming graph (export one with `streamssl export --onnx`)")
         self.metadata = meta
         self.att_context_size = tuple(json.loads(meta["att_context_size"]))
         self.att_context_style = meta["att_context_style"]
