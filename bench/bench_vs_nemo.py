@@ -11,6 +11,9 @@ and run this file with that interpreter, streamssl taken from the checkout:
     PYTHONPATH=$PWD ~/.cache/nemo-venv/bin/python -m pytest bench/bench_vs_nemo.py --benchmark-only \
         -q     # BENCH_THREADS=2 torch threads (default); BENCH_ROUNDS=n overrides every case's rounds
 
+On a machine another job keeps busy, use BENCH_THREADS=1: with 2 threads every parallel op waits
+for a descheduled thread and both sides' times swing by 2-50x between runs (bench/RESULTS.md).
+
 Without NeMo the whole module is skipped. Every case is timed for ``nemo`` and ``streamssl`` in
 the same process, one after the other (the machine's load drifts; compare the pair, not runs),
 and the module prints a table of ratios NeMo median / streamssl median at the end (> 1: streamssl
