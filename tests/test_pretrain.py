@@ -91,8 +91,12 @@ def test_pretraining_beats_the_input_blind_baselines(small_pretrained):
     assert val["val_loss"] < val["val_prior_ce"] - LEARN_MARGIN_NATS, val
 
 
-# PROBE_MARGIN_CER: measured below (bench/RESULTS.md, "the CI probe test").
-PROBE_MARGIN_CER = None
+# Measured on the development machine (bench/RESULTS.md, "The CI probe test"): with 600 probe
+# steps the pretrained encoder's test CER is 73.3 / 73.8 (trainer seeds 1234 / 1, probe seed 0)
+# against 77.2 for the random encoder; probe seeds 1 and 2 agree within 1.1 points. The masked
+# objective, same budget, leaves features at 92.4 (it fails this test).
+PROBE_STEPS = 600
+PROBE_MARGIN_CER = 1.0
 
 
 @pytest.mark.slow
