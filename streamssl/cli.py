@@ -285,6 +285,20 @@ def _args_export_onnx(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunks-per-step", type=int, default=1, help="attention chunks per step (the graph's fixed chunk)")
     p.add_argument("--int8", action="store_true",
                    help="int8 weights (onnxruntime dynamic quantisation): smaller and faster, not bit-equal to PyTorch")
+    p.add_argument("--int4", action="store_true",
+                   help="4-bit weights only (MatMulNBits, blocks of 32): 7x smaller, not bit-equal to PyTorch")
+    p.add_argument("--int8w", action="store_true",
+                   help="8-bit weights only (MatMulNBits, blocks of 32): 4x smaller, not bit-equal to PyTorch")
+
+
+_QUANT_FLAGS = (("--int8", "int8"), ("--int4", "int4"), ("--int8w", "int8w"))
+
+
+def _quantize_flag(args: argparse.Namespace) -> str | None:
+    on = [(flag, q) for flag, q in _QUANT_FLAGS if getattr(args, flag[2:])]
+    if len(on) > 1:
+        raise ValueError(f"{' and '.join(f for f, _ in on)}: choose one quantisation")
+    return on[0][1] if on else None
 
 
 def _run_export_onnx(args: argparse.Namespace) -> int:
@@ -298,7 +312,7 @@ def _run_export_onnx(args: argparse.Namespace) -> int:
         except ValueError:
             raise ValueError(f"--att-context-size: expected L,R, got {args.att_context_size!r}") from None
     path = export_stream_onnx(args.model, args.out, att_context_size=pair, chunks_per_step=args.chunks_per_step,
-                              quantize="int8" if args.int8 else None)
+                              quantize=_quantize_flag(args))
     m = OnnxStreamingEncoder(path)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB): {m.output}, att_context_size={list(m.att_context_size)} "
           f"({m.att_context_style}), {m.chunk_frames} feature frames ({m.chunk_frames * 10} ms) per step, "
@@ -320,7 +334,8 @@ def _run_export(args: argparse.Namespace) -> int:
 
     if args.onnx:
         return _run_export_onnx(args)
-    onnx_only = [f for f, on in (("--int8", args.int8), ("--att-context-size", args.att_context_size),
+    onnx_only = [f for f, on in (*((f, getattr(args, f[2:])) for f, _ in _QUANT_FLAGS),
+                                 ("--att-context-size", args.att_context_size),
                                  ("--chunks-per-step", args.chunks_per_step != 1)) if on]
     if onnx_only:
         raise ValueError(f"{', '.join(onnx_only)}: ONNX export options; add --onnx")

@@ -46,6 +46,11 @@ from streamssl.nn.encoder import FastConformerEncoder
 FORMAT = "streamssl-onnx-stream"
 VERSION = 1
 OPSET = 17
+# quantize= choices: float32, dynamic int8 (MatMulInteger), weight-only 4 / 8 bit (MatMulNBits).
+NBITS = {"int4": 4, "int8w": 8}
+QUANTIZE = (None, "int8", *NBITS)
+NBITS_BLOCK = 32  # input channels per quantisation block (a scale and a zero point each)
+NBITS_ACCURACY_LEVEL = 4  # MatMulNBits: activations quantised to int8 per block inside the kernel
 
 
 class OnnxExportError(ValueError):
@@ -286,17 +291,21 @@ def export_stream_onnx(model_or_path, out_path, att_context_size=None, chunks_pe
         att_context_size: (left, right) to export (one the model allows); default the model's.
         chunks_per_step: attention chunks per step (the graph's chunk is fixed:
             ``stream_chunk_frames() * chunks_per_step`` feature frames).
-        quantize: None (float32, equal to PyTorch to ~1e-6) or "int8": onnxruntime dynamic
-            quantisation of every MatMul/Gemm weight (4x smaller, faster at one frame per step;
-            outputs are no longer equal to PyTorch's, measure the WER change for your model).
+        quantize: None (float32, equal to PyTorch to ~1e-6), "int8": onnxruntime dynamic
+            quantisation of every MatMul/Gemm weight (int8 weights and int8 activations,
+            quantised per op at run time), or weight-only block quantisation of every Linear
+            weight to the ``MatMulNBits`` contrib op (activations stay float32 up to the kernel):
+            "int4" (4-bit) or "int8w" (8-bit), blocks of ``NBITS_BLOCK`` input channels, each with
+            a float scale and a zero point. Every quantisation makes outputs no longer equal to
+            PyTorch's: measure the WER change for your model.
     Returns:
         ``Path(out_path)``. Metadata (context, chunk, state layout, feature settings with global
         statistics, vocabulary) is stored in the model's ``metadata_props``.
     """
     import onnx  # noqa: F401  (a clear ImportError before any work)
 
-    if quantize not in (None, "int8"):
-        raise OnnxExportError(f"quantize must be None or 'int8', got {quantize!r}")
+    if quantize not in QUANTIZE:
+        raise OnnxExportError(f"quantize must be one of {', '.join(map(repr, QUANTIZE))}, got {quantize!r}")
     if isinstance(chunks_per_step, bool) or not isinstance(chunks_per_step, int) or chunks_per_step < 1:
         raise OnnxExportError(f"chunks_per_step must be an int >= 1, got {chunks_per_step!r}")
     enc, features, head, tok = _load(model_or_path)
@@ -311,6 +320,8 @@ def export_stream_onnx(model_or_path, out_path, att_context_size=None, chunks_pe
         enc.train(saved_training)
     if quantize == "int8":
         _quantize_int8(path)
+    elif quantize in NBITS:
+        _quantize_nbits(path, quantize)
     return path
 
 
@@ -331,6 +342,124 @@ def _quantize_int8(path: Path) -> None:
             logging.disable(logging.NOTSET)
         model = onnx.load(str(tmp))
         onnx.helper.set_model_props(model, {**meta, "quantize": "int8"})
+        onnx.save(model, str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _gemm_to_matmul(model) -> int:
+    """Rewrite every Gemm with a constant weight as MatMul(x, W as (K, N)) (+ Add bias), in place.
+
+    ``MatMulNBitsQuantizer`` quantises only MatMul; the float32 graph keeps its Gemm (one kernel
+    with the bias). Returns the number of rewritten nodes.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    uses: dict[str, int] = {}
+    for n in g.node:
+        for i in n.input:
+            uses[i] = uses.get(i, 0) + 1
+    nodes, done = [], 0
+    for n in g.node:
+        a = {x.name: onnx.helper.get_attribute_value(x) for x in n.attribute}
+        if (n.op_type != "Gemm" or len(n.input) < 2 or n.input[1] not in inits or a.get("transA", 0)
+                or a.get("alpha", 1.0) != 1.0 or a.get("beta", 1.0) != 1.0):
+            nodes.append(n)
+            continue
+        w = numpy_helper.to_array(inits[n.input[1]])
+        if a.get("transB", 0):
+            w = w.T
+        w_name = n.input[1] + ".KxN"
+        g.initializer.append(numpy_helper.from_array(w.copy(), w_name))
+        has_bias = len(n.input) > 2 and n.input[2] != ""
+        mm_out = n.output[0] + ".matmul" if has_bias else n.output[0]
+        nodes.append(onnx.helper.make_node("MatMul", [n.input[0], w_name], [mm_out], name=n.name + ".matmul"))
+        if has_bias:
+            nodes.append(onnx.helper.make_node("Add", [mm_out, n.input[2]], [n.output[0]], name=n.name + ".bias"))
+        uses[n.input[1]] -= 1
+        done += 1
+    g.ClearField("node")
+    g.node.extend(nodes)
+    dead = [t for t in g.initializer if uses.get(t.name, 1) == 0]
+    for t in dead:
+        g.initializer.remove(t)
+    return done
+
+
+def _fold_nbits_bias(model) -> int:
+    """MatMulNBits -> Add(constant (N,) bias) becomes one MatMulNBits with its bias input (in place)."""
+    import onnx
+    from onnx import numpy_helper
+
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    consumers: dict[str, list] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    graph_outputs = {o.name for o in g.output}
+    drop, done = set(), 0
+    for n in g.node:
+        if n.op_type != "MatMulNBits" or n.output[0] in graph_outputs:
+            continue
+        users = consumers.get(n.output[0], [])
+        if len(users) != 1 or users[0].op_type != "Add":
+            continue
+        add = users[0]
+        bias = [i for i in add.input if i != n.output[0]]
+        N = next(onnx.helper.get_attribute_value(x) for x in n.attribute if x.name == "N")
+        if len(bias) != 1 or bias[0] not in inits or tuple(numpy_helper.to_array(inits[bias[0]]).shape) != (N,):
+            continue
+        ins = list(n.input) + [""] * (5 - len(n.input))  # A, B, scales, zero_points, g_idx, bias
+        del n.input[:]
+        n.input.extend(ins[:5] + [bias[0]])
+        n.output[0] = add.output[0]
+        drop.add(id(add))
+        done += 1
+    keep = [n for n in g.node if id(n) not in drop]
+    g.ClearField("node")
+    g.node.extend(keep)
+    return done
+
+
+def _quantize_nbits(path: Path, quantize: str, block_size: int = NBITS_BLOCK,
+                    accuracy_level: int = NBITS_ACCURACY_LEVEL, symmetric: bool = False) -> None:
+    """Weight-only block quantisation of the Linear weights to MatMulNBits, in place (metadata kept)."""
+    import logging
+
+    import onnx
+
+    try:
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    except ImportError as e:  # onnxruntime >= 1.23 needs the onnx_ir package for it
+        raise ImportError(f"quantize={quantize!r} needs onnxruntime's MatMulNBitsQuantizer ({e}): "
+                          "pip install 'streamssl[deploy]'") from e
+    model = onnx.load(str(path))
+    meta = {p.key: p.value for p in model.metadata_props}
+    _gemm_to_matmul(model)
+    logging.disable(logging.WARNING)
+    try:
+        q = MatMulNBitsQuantizer(model, bits=NBITS[quantize], block_size=block_size, is_symmetric=symmetric,
+                                 accuracy_level=accuracy_level, op_types_to_quantize=("MatMul",))
+        q.process()
+    finally:
+        logging.disable(logging.NOTSET)
+    model = q.model.model
+    n_q = sum(n.op_type == "MatMulNBits" for n in model.graph.node)
+    if n_q == 0:
+        raise OnnxExportError(f"quantize={quantize!r}: no weight was quantised")
+    _fold_nbits_bias(model)
+    del model.metadata_props[:]
+    onnx.helper.set_model_props(model, {**meta, "quantize": quantize,
+                                        "quantize_block_size": str(block_size),
+                                        "quantize_accuracy_level": str(accuracy_level),
+                                        "quantize_symmetric": str(symmetric).lower()})
+    tmp = path.with_name(path.name + f".nbitstmp{os.getpid()}")
+    try:
         onnx.save(model, str(tmp))
         os.replace(tmp, path)
     finally:
