@@ -2,8 +2,9 @@
 
 The ``small`` preset (d 176, 16 layers, 12.6 M parameters) with att_context_size [64, 0], one
 thread, batch 1, a 4 s utterance fed in 80 ms (1 encoder frame) and 320 ms (4 frames) chunks, both
-runtimes in the same run (plus the int8-weight graph, ``quantize="int8"``). RTF = compute time / audio time. Features are not included (the same
-for both). Run: ``OMP_NUM_THREADS=1 python -m pytest bench/bench_onnx.py -s --benchmark-columns=mean,min``.
+runtimes in the same run (plus the quantised graphs: ``quantize="int8"`` dynamic int8, ``"int4"``
+and ``"int8w"`` weight-only MatMulNBits). RTF = compute time / audio time. Features are not
+included (the same for both). Run: ``OMP_NUM_THREADS=1 python -m pytest bench/bench_onnx.py -s --benchmark-columns=mean,min``.
 """
 
 import numpy as np
@@ -18,6 +19,7 @@ from streamssl.runtime import OnnxStreamingEncoder  # noqa: E402
 
 SECONDS = 4.0
 CTX = [64, 0]
+QUANT = (None, "int8", "int4", "int8w")
 
 
 @pytest.fixture(scope="module")
@@ -29,13 +31,13 @@ def setup(tmp_path_factory):
     feats = torch.randn(1, int(SECONDS * 100), enc.feat_in)
     d = tmp_path_factory.mktemp("onnx")
     graphs = {(cps, q): export_stream_onnx(enc, d / f"small_{cps}_{q}.onnx", chunks_per_step=cps, quantize=q)
-              for cps in (1, 4) for q in (None, "int8")}
+              for cps in (1, 4) for q in QUANT}
     yield enc, feats, graphs
     torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("chunks_per_step", [1, 4], ids=["80ms", "320ms"])
-@pytest.mark.parametrize("runtime", ["pytorch", "onnxruntime", "onnxruntime-int8"])
+@pytest.mark.parametrize("runtime", ["pytorch", "onnxruntime", *(f"onnxruntime-{q}" for q in QUANT[1:])])
 def test_stream_step_rtf(benchmark, setup, runtime, chunks_per_step):
     enc, feats, graphs = setup
     step = enc.stream_chunk_frames() * chunks_per_step
@@ -52,7 +54,8 @@ def test_stream_step_rtf(benchmark, setup, runtime, chunks_per_step):
 
         state_bytes = None
     else:
-        m = OnnxStreamingEncoder(graphs[chunks_per_step, "int8" if runtime.endswith("int8") else None], threads=1)
+        q = runtime.partition("-")[2] or None
+        m = OnnxStreamingEncoder(graphs[chunks_per_step, q], threads=1)
         x, full = feats.numpy(), np.array([step], dtype=np.int64)
 
         def stream():
