@@ -286,9 +286,9 @@ def _args_export_onnx(p: argparse.ArgumentParser) -> None:
     p.add_argument("--int8", action="store_true",
                    help="int8 weights (onnxruntime dynamic quantisation): smaller and faster, not bit-equal to PyTorch")
     p.add_argument("--int4", action="store_true",
-                   help="4-bit weights only (MatMulNBits, blocks of 32): 7x smaller, not bit-equal to PyTorch")
+                   help="4-bit weights only (MatMulNBits, blocks of 16): 4.4x smaller, not bit-equal to PyTorch")
     p.add_argument("--int8w", action="store_true",
-                   help="8-bit weights only (MatMulNBits, blocks of 32): 4x smaller, not bit-equal to PyTorch")
+                   help="8-bit weights only (MatMulNBits, blocks of 32): 3x smaller, not bit-equal to PyTorch")
 
 
 _QUANT_FLAGS = (("--int8", "int8"), ("--int4", "int4"), ("--int8w", "int8w"))

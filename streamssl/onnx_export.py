@@ -47,9 +47,11 @@ FORMAT = "streamssl-onnx-stream"
 VERSION = 1
 OPSET = 17
 # quantize= choices: float32, dynamic int8 (MatMulInteger), weight-only 4 / 8 bit (MatMulNBits).
-NBITS = {"int4": 4, "int8w": 8}
+# Weight-only: (bits, input channels per block, each block with a float scale and a zero point).
+# int4 uses blocks of 16: on a fine-tuned d 96 model blocks of 32 cost 5.4 WER points against
+# float32 and blocks of 16 1.6, for 5-15 % more time per step (bench/RESULTS.md).
+NBITS = {"int4": (4, 16), "int8w": (8, 32)}
 QUANTIZE = (None, "int8", *NBITS)
-NBITS_BLOCK = 32  # input channels per quantisation block (a scale and a zero point each)
 NBITS_ACCURACY_LEVEL = 4  # MatMulNBits: activations quantised to int8 per block inside the kernel
 
 
@@ -292,12 +294,13 @@ def export_stream_onnx(model_or_path, out_path, att_context_size=None, chunks_pe
         chunks_per_step: attention chunks per step (the graph's chunk is fixed:
             ``stream_chunk_frames() * chunks_per_step`` feature frames).
         quantize: None (float32, equal to PyTorch to ~1e-6), "int8": onnxruntime dynamic
-            quantisation of every MatMul/Gemm weight (int8 weights and int8 activations,
-            quantised per op at run time), or weight-only block quantisation of every Linear
-            weight to the ``MatMulNBits`` contrib op (activations stay float32 up to the kernel):
-            "int4" (4-bit) or "int8w" (8-bit), blocks of ``NBITS_BLOCK`` input channels, each with
-            a float scale and a zero point. Every quantisation makes outputs no longer equal to
-            PyTorch's: measure the WER change for your model.
+            quantisation of every MatMul/Gemm weight (MatMulInteger; the activations are
+            quantised by separate ops at run time), or weight-only block quantisation of every
+            Linear to the ``MatMulNBits`` contrib op: "int4" (4-bit, blocks of 16 input channels)
+            or "int8w" (8-bit, blocks of 32), each block with a float scale and a zero point
+            (``NBITS``; the kernel quantises activations to int8 per block, accuracy_level 4).
+            Every quantisation makes outputs no longer equal to PyTorch's: measure the WER change
+            for your model.
     Returns:
         ``Path(out_path)``. Metadata (context, chunk, state layout, feature settings with global
         statistics, vocabulary) is stored in the model's ``metadata_props``.
@@ -426,7 +429,7 @@ def _fold_nbits_bias(model) -> int:
     return done
 
 
-def _quantize_nbits(path: Path, quantize: str, block_size: int = NBITS_BLOCK,
+def _quantize_nbits(path: Path, quantize: str, block_size: int | None = None,
                     accuracy_level: int = NBITS_ACCURACY_LEVEL, symmetric: bool = False) -> None:
     """Weight-only block quantisation of the Linear weights to MatMulNBits, in place (metadata kept)."""
     import logging
@@ -438,12 +441,14 @@ def _quantize_nbits(path: Path, quantize: str, block_size: int = NBITS_BLOCK,
     except ImportError as e:  # onnxruntime >= 1.23 needs the onnx_ir package for it
         raise ImportError(f"quantize={quantize!r} needs onnxruntime's MatMulNBitsQuantizer ({e}): "
                           "pip install 'streamssl[deploy]'") from e
+    bits, default_block = NBITS[quantize]
+    block_size = block_size or default_block
     model = onnx.load(str(path))
     meta = {p.key: p.value for p in model.metadata_props}
     _gemm_to_matmul(model)
     logging.disable(logging.WARNING)
     try:
-        q = MatMulNBitsQuantizer(model, bits=NBITS[quantize], block_size=block_size, is_symmetric=symmetric,
+        q = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=symmetric,
                                  accuracy_level=accuracy_level, op_types_to_quantize=("MatMul",))
         q.process()
     finally:
