@@ -361,6 +361,8 @@ def _validate_common(cfg: DictConfig) -> None:
     need(d.num_workers >= 0, "data.num_workers", "must be >= 0")
     need(m.features.normalize in ("none", "global"), "model.features.normalize",
          "must be none or global (per_utterance needs the future: it is for targets only)")
+    need(not m.features.stats or m.features.normalize == "global", "model.features.stats",
+         "is read only with model.features.normalize=global (set it, or drop the statistics file)")
     need(m.features.n_mels == m.encoder.feat_in, "model.encoder.feat_in",
          f"must equal model.features.n_mels ({m.features.n_mels})")
     ctx = OmegaConf.to_container(m.encoder.att_context_size)

@@ -128,3 +128,33 @@ def test_no_noise_manifest_is_said_once_at_start(corpus, tmp_path, capsys):
     pretrain_trainer(load_config("demo", FAST + [f"data.train_manifest={corpus.train}", "trainer.max_steps=1",
                                                  "model.augment.prob=0"]), tmp_path / "clean")
     assert "no data.noise_manifest" not in capsys.readouterr().err
+
+
+def test_global_statistics_file_is_loaded_and_checked(corpus, tmp_path):
+    """model.features.stats: `compute-stats --config` writes it, the trainer loads it into the
+    encoder-input features (and so into checkpoints); a missing file, one made with other feature
+    settings, or a file without normalize=global is refused naming the key."""
+    from streamssl.cli import main
+    from streamssl.config import ConfigError
+
+    stats = tmp_path / "stats.json"
+    assert main(["compute-stats", str(corpus.train), str(stats), "--config", "demo"]) == 0
+    saved = json.loads(stats.read_text())
+    trainer = pretrain_trainer(_cfg(corpus, "trainer.max_steps=1", "model.features.normalize=global",
+                                    f"model.features.stats={stats}"), tmp_path / "run")
+    assert torch.equal(trainer.model.features.mean, torch.tensor(saved["mean"], dtype=torch.float32))
+    assert not torch.equal(trainer.model.features.std, torch.ones_like(trainer.model.features.std))
+    trainer.fit()
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=False)
+    assert any(torch.equal(v, trainer.model.features.mean) for k, v in ckpt["model"].items() if k.endswith("mean"))
+
+    with pytest.raises(ValueError, match=r"model.features.stats: .*missing.json"):
+        pretrain_trainer(_cfg(corpus, "model.features.normalize=global",
+                              f"model.features.stats={tmp_path / 'missing.json'}"), tmp_path / "r2")
+    other = tmp_path / "other.json"
+    assert main(["compute-stats", str(corpus.train), str(other), "--set", "model.features.hop_length=128"]) == 0
+    with pytest.raises(ValueError, match=r"model.features.stats: .*hop_length"):
+        pretrain_trainer(_cfg(corpus, "model.features.normalize=global", f"model.features.stats={other}"),
+                         tmp_path / "r3")
+    with pytest.raises(ConfigError, match=r"model.features.stats"):
+        _cfg(corpus, "model.features.normalize=none", f"model.features.stats={stats}")

@@ -151,7 +151,10 @@ class PretrainTask:
             from streamssl.ssl.features import compute_global_stats, save_stats
 
             if m.features.stats:
-                self.model.features.load_stats(m.features.stats)
+                try:
+                    self.model.features.load_stats(m.features.stats)
+                except ValueError as e:
+                    raise ValueError(f"model.features.stats: {e}") from None
             else:
                 stats = compute_global_stats(self.train_index, self.model.features, max_seconds=STATS_SECONDS,
                                              seed=t.seed, loader=self._sample_loader(STATS_SECONDS))
