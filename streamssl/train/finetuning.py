@@ -27,7 +27,7 @@ from streamssl.checkpoint import load_state_strict
 from streamssl.config import ConfigError, as_list
 from streamssl.data.loader import build_loader
 from streamssl.data.manifest import load_manifest
-from streamssl.train.loop import Runtime, Trainer, decay_param_groups, run
+from streamssl.train.loop import Runtime, Trainer, decay_param_groups, global_feature_stats, run
 from streamssl.train.pretraining import demo_corpus
 
 
@@ -110,16 +110,10 @@ class FinetuneTask:
         """Fresh run from scratch with normalize=global: statistics from the training manifest."""
         f = self.cfg.model.features
         if self.init is None and f.normalize == "global":
-            from streamssl.ssl.features import compute_global_stats, save_stats
+            from streamssl.ssl.features import compute_global_stats
 
-            if f.stats:
-                self.model.features.load_stats(f.stats)
-            else:
-                stats = compute_global_stats(self.train_index, self.model.features, max_seconds=3600.0,
-                                             seed=self.cfg.trainer.seed)
-                self.model.features.set_stats(stats["mean"], stats["std"])
-                if self.rt.is_main:
-                    save_stats(self.rt.out / "feature_stats.json", stats)
+            global_feature_stats(self.model.features, f.stats, lambda: compute_global_stats(
+                self.train_index, self.model.features, max_seconds=3600.0, seed=self.cfg.trainer.seed), self.rt)
 
     def before_step(self, step: int, optimizer) -> None:
         """Hold the encoder still for the first ``optim.freeze_encoder_steps`` steps.

@@ -126,6 +126,27 @@ RESUMABLE_KEYS = ("trainer.max_steps", "trainer.log_every", "trainer.ckpt_every"
                   "data.num_workers", "data.val_manifest")
 
 
+def global_feature_stats(features, stats_path, measure, rt: "Runtime") -> None:
+    """Give ``features`` (a LogMelFeatures with normalize=global) its mean/std for a fresh run.
+
+    ``stats_path`` (model.features.stats) names a file from ``streamssl compute-stats``; without it
+    ``measure()`` returns statistics from the run's training data (every rank gets the same numbers
+    from the same seeded subset) and the main rank writes them to ``<out>/feature_stats.json``.
+    """
+    from streamssl.ssl.features import save_stats
+
+    if stats_path:
+        try:
+            features.load_stats(stats_path)
+        except ValueError as e:
+            raise ConfigError(f"model.features.stats: {e}") from None
+        return
+    stats = measure()
+    features.set_stats(stats["mean"], stats["std"])
+    if rt.is_main:
+        save_stats(rt.out / "feature_stats.json", stats)
+
+
 def _flatten(d, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():

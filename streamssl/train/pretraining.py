@@ -25,7 +25,7 @@ from streamssl.data.loader import build_loader
 from streamssl.data.manifest import load_manifest
 from streamssl.ssl.loss import code_usage
 from streamssl.ssl.nest import NEST
-from streamssl.train.loop import Runtime, Trainer, decay_param_groups, run
+from streamssl.train.loop import Runtime, Trainer, decay_param_groups, global_feature_stats, run
 
 # Seconds of training audio behind the head's prior (about 20k tokens per 1000 codes at 80 ms).
 PRIOR_SECONDS = 1800.0
@@ -148,19 +148,11 @@ class PretrainTask:
         """
         m, t = self.cfg.model, self.cfg.trainer
         if m.features.normalize == "global":
-            from streamssl.ssl.features import compute_global_stats, save_stats
+            from streamssl.ssl.features import compute_global_stats
 
-            if m.features.stats:
-                try:
-                    self.model.features.load_stats(m.features.stats)
-                except ValueError as e:
-                    raise ValueError(f"model.features.stats: {e}") from None
-            else:
-                stats = compute_global_stats(self.train_index, self.model.features, max_seconds=STATS_SECONDS,
-                                             seed=t.seed, loader=self._sample_loader(STATS_SECONDS))
-                self.model.features.set_stats(stats["mean"], stats["std"])
-                if self.rt.is_main:
-                    save_stats(self.rt.out / "feature_stats.json", stats)
+            global_feature_stats(self.model.features, m.features.stats, lambda: compute_global_stats(
+                self.train_index, self.model.features, max_seconds=STATS_SECONDS, seed=t.seed,
+                loader=self._sample_loader(STATS_SECONDS)), self.rt)
         counts = torch.zeros(m.quantizer.num_codebooks, m.quantizer.num_codes, dtype=torch.float64)
         loader = self._sample_loader(PRIOR_SECONDS)
         if loader is None:
