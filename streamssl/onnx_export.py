@@ -160,7 +160,7 @@ class StreamStepGraph(nn.Module):
             valid = torch.arange(T).unsqueeze(0) < lengths.unsqueeze(1)
             x = torch.cat([caches[s], x * valid[:, None, :, None].to(x.dtype)], dim=2)
             new.append(x[:, :, -1:])
-            x = sub._stage(s, x)
+            x = sub._stage(s, x, 0)
             lengths = torch.div(lengths + 1, 2, rounding_mode="floor")
         # Frames as rows of a 2-D (B * c, D) matrix from here on: every Linear is then one Gemm with
         # its bias fused (3-D MatMul + Add is two kernels in onnxruntime).

@@ -350,3 +350,10 @@ def test_subsampling_layout_change_keeps_the_nchw_result():
     # Only the summation order differs: each output sums a few hundred float32 products of O(1)
     # values over three stages, so differences stay within a few hundred ulps of 1 (~1e-5).
     assert torch.allclose(y, ref, atol=1e-5, rtol=1e-5)
+    # Whatever a caller's padding holds, valid frames see zeros there (the multiply that masks the
+    # later stages relies on the first stage's select).
+    dirty = feats.clone()
+    dirty[1, 64:], dirty[2, 9:] = float("nan"), float("inf")
+    y2, out_lengths = m(dirty, lengths)
+    for b, n in enumerate(out_lengths.tolist()):
+        assert torch.equal(y2[b, :n], y[b, :n])

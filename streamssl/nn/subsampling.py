@@ -37,14 +37,30 @@ def _ceil_div(x, d: int):
 
 
 def _zero_padding(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """x (B, C, T, F) with the frames at and after ``lengths`` (B,) set to zero.
+    """x (B, C, T, F) with the frames at and after ``lengths`` (B,) set to zero, whatever they held.
 
     ``torch.where`` rather than ``masked_fill``: the same values, but masked_fill's backward on a
     channels_last tensor cost about 3x more than the whole fill (bench/RESULTS.md, the NEST-step
     profile).
     """
-    valid = torch.arange(x.shape[2], device=x.device) < lengths.unsqueeze(1)  # (B, T)
-    return torch.where(valid[:, None, :, None], x, 0.0)
+    return torch.where(_valid(x, lengths), x, 0.0)
+
+
+def _mask_padding(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """x (B, C, T, F), finite, with the frames at and after ``lengths`` (B,) multiplied by zero.
+
+    For the inputs of the later stages, which the stages themselves made from zeroed input: finite,
+    so the product is the same zero as :func:`_zero_padding`'s (up to its sign, which no sum sees),
+    at half the cost forward and backward on these large channels_last maps (one multiply by a
+    (B, 1, T, 1) float mask against a select).
+    """
+    return x * _valid(x, lengths).to(x.dtype)
+
+
+def _valid(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """(B, 1, T, 1) bool: frame t of row b is before ``lengths[b]``."""
+    return (torch.arange(x.shape[2], device=x.device) < lengths.unsqueeze(1))[:, None, :, None]
+
 
 class CausalStridingSubsampling(nn.Module):
     """Causal ``factor``x subsampling of (B, T, feat_in) features to (B, ceil(T / factor), d_model).
@@ -89,14 +105,18 @@ class CausalStridingSubsampling(nn.Module):
         """ceil(lengths / factor), elementwise (int64 tensor in, int64 tensor out)."""
         return _ceil_div(lengths, self.factor)
 
-    def _stage(self, s: int, x: torch.Tensor) -> torch.Tensor:
+    def _stage(self, s: int, x: torch.Tensor, time_padding: int) -> torch.Tensor:
         # Every stage runs in channels_last: PyTorch's CPU kernels for the depthwise 3x3 and the
         # pointwise convolutions are about 2x faster forward+backward in it than in NCHW, and one
         # layout from the first stage on keeps the ReLU, padding and masking backwards from
         # converting between layouts (1.5x on the subsampling's forward+backward; bench/RESULTS.md).
-        # The result is the same up to float32 summation order.
+        # The result is the same up to float32 summation order. The full pass lets the convolution
+        # pad time (one zero frame each side) instead of copying the map into a padded one.
         x = x.contiguous(memory_format=torch.channels_last)
-        return F.relu(self.pointwise[s](self.convs[s](x)))
+        c = self.convs[s]
+        x = F.conv2d(x, c.weight, c.bias, c.stride, (time_padding, 1), c.dilation, c.groups)
+        # In place: the ReLU's backward reads its output, and nothing else holds the conv output.
+        return F.relu(self.pointwise[s](x), inplace=True)
 
     def _project(self, x: torch.Tensor) -> torch.Tensor:
         B, C, T, Fq = x.shape
@@ -110,7 +130,9 @@ class CausalStridingSubsampling(nn.Module):
         """
         x = feats.unsqueeze(1)  # (B, 1, T, F)
         for s in range(len(self.convs)):
-            x = self._stage(s, F.pad(_zero_padding(x, lengths), (0, 0, _CACHE, 1)))
+            # The features' padding may hold anything (a caller's own tensor): select zeros there.
+            # Later stages' padding is finite (made from zeroed input), so a multiply does.
+            x = self._stage(s, (_zero_padding if s == 0 else _mask_padding)(x, lengths), _CACHE)
             lengths = _ceil_div(lengths, 2)
         return self._project(x), lengths
 
@@ -142,6 +164,6 @@ class CausalStridingSubsampling(nn.Module):
         for s in range(len(self.convs)):
             x = torch.cat([cache[s].to(x.dtype), _zero_padding(x, lengths)], dim=2)
             new_cache.append(x[:, :, -_CACHE:].detach())
-            x = self._stage(s, x)
+            x = self._stage(s, x, 0)
             lengths = _ceil_div(lengths, 2)
         return self._project(x), new_cache
