@@ -328,16 +328,12 @@ def test_bad_inputs_name_the_argument():
         tiny(n_heads=5)
 
 
-def test_subsampling_layout_change_keeps_the_nchw_result():
-    """The channels_last stages compute what plain NCHW convolutions compute (float32 tolerance)."""
+def _nchw_subsampling(m, feats, lengths):
+    """The subsampling as plain NCHW modules: masked_fill, F.pad, conv, ReLU per stage."""
     import torch.nn.functional as F
 
-    from streamssl.nn.subsampling import _CACHE, CausalStridingSubsampling
+    from streamssl.nn.subsampling import _CACHE
 
-    torch.manual_seed(0)
-    m = CausalStridingSubsampling(80, 64, 8, 32)
-    feats, lengths = torch.randn(3, 101, 80), torch.tensor([101, 64, 9])
-    y, _ = m(feats, lengths)
     x, lens = feats.unsqueeze(1), lengths.clone()
     for s in range(len(m.convs)):
         valid = torch.arange(x.shape[2]) < lens.unsqueeze(1)
@@ -346,12 +342,40 @@ def test_subsampling_layout_change_keeps_the_nchw_result():
         x = F.conv2d(x, c.weight, c.bias, c.stride, c.padding, groups=c.groups).contiguous()
         x = F.relu(m.pointwise[s](x).contiguous())
         lens = (lens + 1) // 2
-    ref = m._project(x)
+    return m._project(x)
+
+
+def test_subsampling_layout_change_keeps_the_nchw_result():
+    """The channels_last stages (conv-padded time, masked ReLU with its own backward) compute what
+    plain NCHW convolutions compute: float32 within summation-order tolerance, float64 outputs and
+    every gradient (input and weights) to 1e-12."""
+    from streamssl.nn.subsampling import CausalStridingSubsampling
+
+    torch.manual_seed(0)
+    m = CausalStridingSubsampling(80, 64, 8, 32)
+    feats, lengths = torch.randn(3, 101, 80), torch.tensor([101, 64, 9])
+    y, _ = m(feats, lengths)
     # Only the summation order differs: each output sums a few hundred float32 products of O(1)
     # values over three stages, so differences stay within a few hundred ulps of 1 (~1e-5).
-    assert torch.allclose(y, ref, atol=1e-5, rtol=1e-5)
-    # Whatever a caller's padding holds, valid frames see zeros there (the multiply that masks the
-    # later stages relies on the first stage's select).
+    assert torch.allclose(y, _nchw_subsampling(m, feats, lengths), atol=1e-5, rtol=1e-5)
+
+    m64, f64 = m.double(), feats.double()
+    grads = []
+    for fn in (lambda x: m64(x, lengths)[0], lambda x: _nchw_subsampling(m64, x, lengths)):
+        x = f64.clone().requires_grad_()
+        out = fn(x)
+        g = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(1))
+        out_lengths = m64.output_lengths(lengths)
+        g = g * (torch.arange(out.shape[1]) < out_lengths[:, None])[..., None]  # valid frames only
+        grads.append((out * (g != 0), torch.autograd.grad(out, [x, *m64.parameters()], g)))
+    (o1, g1), (o2, g2) = grads
+    torch.testing.assert_close(o1, o2, atol=1e-12, rtol=1e-12)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+    m.float()
+
+    # Whatever a caller's padding holds, valid frames see zeros there (the later stages' padding is
+    # zeroed by a multiply, which relies on the first stage's select).
     dirty = feats.clone()
     dirty[1, 64:], dirty[2, 9:] = float("nan"), float("inf")
     y2, out_lengths = m(dirty, lengths)

@@ -46,15 +46,26 @@ def _zero_padding(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     return torch.where(_valid(x, lengths), x, 0.0)
 
 
-def _mask_padding(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """x (B, C, T, F), finite, with the frames at and after ``lengths`` (B,) multiplied by zero.
+class _ReluKeep(torch.autograd.Function):
+    """relu(x) * keep for a 0/1 float ``keep`` that broadcasts over x, written into x.
 
-    For the inputs of the later stages, which the stages themselves made from zeroed input: finite,
-    so the product is the same zero as :func:`_zero_padding`'s (up to its sign, which no sum sees),
-    at half the cost forward and backward on these large channels_last maps (one multiply by a
-    (B, 1, T, 1) float mask against a select).
+    A stage's ReLU and the zeroing of the next stage's padded frames in one place: two in-place
+    passes forward and one select backward, where a ReLU followed by a multiply costs a new map
+    and two backward passes over these large channels_last maps. Since keep is 0 or 1, the result
+    is positive exactly where x > 0 and keep = 1, which is where the gradient passes.
     """
-    return x * _valid(x, lengths).to(x.dtype)
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        ctx.mark_dirty(x)
+        y = x.clamp_min_(0).mul_(keep)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (y,) = ctx.saved_tensors
+        return torch.ops.aten.threshold_backward(grad, y, 0), None
 
 
 def _valid(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -105,7 +116,7 @@ class CausalStridingSubsampling(nn.Module):
         """ceil(lengths / factor), elementwise (int64 tensor in, int64 tensor out)."""
         return _ceil_div(lengths, self.factor)
 
-    def _stage(self, s: int, x: torch.Tensor, time_padding: int) -> torch.Tensor:
+    def _stage(self, s: int, x: torch.Tensor, time_padding: int, keep_lengths: torch.Tensor | None = None) -> torch.Tensor:
         # Every stage runs in channels_last: PyTorch's CPU kernels for the depthwise 3x3 and the
         # pointwise convolutions are about 2x faster forward+backward in it than in NCHW, and one
         # layout from the first stage on keeps the ReLU, padding and masking backwards from
@@ -116,7 +127,11 @@ class CausalStridingSubsampling(nn.Module):
         c = self.convs[s]
         x = F.conv2d(x, c.weight, c.bias, c.stride, (time_padding, 1), c.dilation, c.groups)
         # In place: the ReLU's backward reads its output, and nothing else holds the conv output.
-        return F.relu(self.pointwise[s](x), inplace=True)
+        # With keep_lengths, the output's frames from keep_lengths on are zeroed as well.
+        x = self.pointwise[s](x)
+        if keep_lengths is None:
+            return F.relu(x, inplace=True)
+        return _ReluKeep.apply(x, _valid(x, keep_lengths).to(x.dtype))
 
     def _project(self, x: torch.Tensor) -> torch.Tensor:
         B, C, T, Fq = x.shape
@@ -128,12 +143,14 @@ class CausalStridingSubsampling(nn.Module):
         Padded output frames are not zeroed here (the encoder masks them); valid ones read only valid
         frames and zeros.
         """
-        x = feats.unsqueeze(1)  # (B, 1, T, F)
+        # The features' padding may hold anything (a caller's own tensor): select zeros there.
+        # Each stage but the last zeroes its own padded output frames (the next stage's input),
+        # together with its ReLU; those frames are finite, made from zeroed input.
+        x = _zero_padding(feats.unsqueeze(1), lengths)  # (B, 1, T, F)
+        last = len(self.convs) - 1
         for s in range(len(self.convs)):
-            # The features' padding may hold anything (a caller's own tensor): select zeros there.
-            # Later stages' padding is finite (made from zeroed input), so a multiply does.
-            x = self._stage(s, (_zero_padding if s == 0 else _mask_padding)(x, lengths), _CACHE)
             lengths = _ceil_div(lengths, 2)
+            x = self._stage(s, x, _CACHE, None if s == last else lengths)
         return self._project(x), lengths
 
     def init_cache(self, batch_size: int, device=None, dtype=None) -> list[torch.Tensor]:
