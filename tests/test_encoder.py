@@ -369,6 +369,9 @@ def test_subsampling_layout_change_keeps_the_nchw_result():
         g = g * (torch.arange(out.shape[1]) < out_lengths[:, None])[..., None]  # valid frames only
         grads.append((out * (g != 0), torch.autograd.grad(out, [x, *m64.parameters()], g)))
     (o1, g1), (o2, g2) = grads
+    # float64, unit roundoff u = 1.1e-16: the longest sums here (a first-stage weight gradient over
+    # 3 x 51 x 40 = 6120 positions) can move with summation order by at most n u = 7e-13 of their
+    # terms' magnitude, which is O(1); a wrong mask or backward moves entries by O(1).
     torch.testing.assert_close(o1, o2, atol=1e-12, rtol=1e-12)
     for a, b in zip(g1, g2):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)

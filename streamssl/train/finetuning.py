@@ -110,10 +110,7 @@ class FinetuneTask:
         """Fresh run from scratch with normalize=global: statistics from the training manifest."""
         f = self.cfg.model.features
         if self.init is None and f.normalize == "global":
-            from streamssl.ssl.features import compute_global_stats
-
-            global_feature_stats(self.model.features, f.stats, lambda: compute_global_stats(
-                self.train_index, self.model.features, max_seconds=3600.0, seed=self.cfg.trainer.seed), self.rt)
+            global_feature_stats(self.model.features, f.stats, self.train_index, self.cfg.trainer.seed, self.rt)
 
     def before_step(self, step: int, optimizer) -> None:
         """Hold the encoder still for the first ``optim.freeze_encoder_steps`` steps.

@@ -126,14 +126,19 @@ RESUMABLE_KEYS = ("trainer.max_steps", "trainer.log_every", "trainer.ckpt_every"
                   "data.num_workers", "data.val_manifest")
 
 
-def global_feature_stats(features, stats_path, measure, rt: "Runtime") -> None:
+# Seconds of training audio behind the global feature statistics of a fresh run.
+STATS_SECONDS = 3600.0
+
+
+def global_feature_stats(features, stats_path, index, seed: int, rt: "Runtime", loader=None) -> None:
     """Give ``features`` (a LogMelFeatures with normalize=global) its mean/std for a fresh run.
 
-    ``stats_path`` (model.features.stats) names a file from ``streamssl compute-stats``; without it
-    ``measure()`` returns statistics from the run's training data (every rank gets the same numbers
-    from the same seeded subset) and the main rank writes them to ``<out>/feature_stats.json``.
+    ``stats_path`` (model.features.stats) names a file from ``streamssl compute-stats``. Without
+    it the statistics are measured on a seeded ``STATS_SECONDS`` subset of ``index`` (or on what
+    ``loader`` yields, for tar shards), the same numbers on every rank, and the main rank writes
+    them to ``<out>/feature_stats.json``.
     """
-    from streamssl.ssl.features import save_stats
+    from streamssl.ssl.features import compute_global_stats, save_stats
 
     if stats_path:
         try:
@@ -141,7 +146,7 @@ def global_feature_stats(features, stats_path, measure, rt: "Runtime") -> None:
         except ValueError as e:
             raise ConfigError(f"model.features.stats: {e}") from None
         return
-    stats = measure()
+    stats = compute_global_stats(index, features, max_seconds=STATS_SECONDS, seed=seed, loader=loader)
     features.set_stats(stats["mean"], stats["std"])
     if rt.is_main:
         save_stats(rt.out / "feature_stats.json", stats)

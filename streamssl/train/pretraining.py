@@ -25,11 +25,10 @@ from streamssl.data.loader import build_loader
 from streamssl.data.manifest import load_manifest
 from streamssl.ssl.loss import code_usage
 from streamssl.ssl.nest import NEST
-from streamssl.train.loop import Runtime, Trainer, decay_param_groups, global_feature_stats, run
+from streamssl.train.loop import STATS_SECONDS, Runtime, Trainer, decay_param_groups, global_feature_stats, run
 
 # Seconds of training audio behind the head's prior (about 20k tokens per 1000 codes at 80 ms).
 PRIOR_SECONDS = 1800.0
-STATS_SECONDS = 3600.0
 
 
 def resolve_pretrain_data(cfg: DictConfig, out_dir: Path, rt: Runtime) -> dict:
@@ -148,11 +147,8 @@ class PretrainTask:
         """
         m, t = self.cfg.model, self.cfg.trainer
         if m.features.normalize == "global":
-            from streamssl.ssl.features import compute_global_stats
-
-            global_feature_stats(self.model.features, m.features.stats, lambda: compute_global_stats(
-                self.train_index, self.model.features, max_seconds=STATS_SECONDS, seed=t.seed,
-                loader=self._sample_loader(STATS_SECONDS)), self.rt)
+            global_feature_stats(self.model.features, m.features.stats, self.train_index, t.seed, self.rt,
+                                 loader=None if m.features.stats else self._sample_loader(STATS_SECONDS))
         counts = torch.zeros(m.quantizer.num_codebooks, m.quantizer.num_codes, dtype=torch.float64)
         loader = self._sample_loader(PRIOR_SECONDS)
         if loader is None:
