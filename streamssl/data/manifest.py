@@ -257,30 +257,54 @@ def load_manifest(path_or_paths: str | os.PathLike | Sequence[str | os.PathLike]
         non-finite duration, negative offset, missing audio file. Also raised when nothing is
         left after filtering.
     """
+    manifests, w = _manifests_and_weights(path_or_paths, weights)
+    if min_duration is not None and max_duration is not None and min_duration > max_duration:
+        raise ValueError(f"min_duration ({min_duration}) > max_duration ({max_duration})")
+    index = _parse_all(manifests, w, check_files, keep_text or require_text, require_text)
+    keep = np.ones(len(index), dtype=bool)
+    if min_duration is not None:
+        keep &= index.durations >= min_duration
+    if max_duration is not None:
+        keep &= index.durations <= max_duration
+    n_drop = int((~keep).sum())
+    if n_drop:
+        index = index.subset(keep)
+        index.num_filtered = n_drop
+    if len(index) == 0:
+        raise ManifestError(
+            f"no utterances in {', '.join(manifests)}"
+            + (f" after the duration filter [{min_duration}, {max_duration}] s dropped {n_drop}" if n_drop else ""))
+    return index
+
+
+def _manifests_and_weights(path_or_paths, weights) -> tuple[list[str], np.ndarray]:
+    """The manifest paths as a list and one float64 repetition weight each, checked."""
     if isinstance(path_or_paths, (str, os.PathLike)):
         manifests = [os.fspath(path_or_paths)]
     else:
         manifests = [os.fspath(p) for p in path_or_paths]
     if not manifests:
         raise ValueError("path_or_paths: no manifest given")
-    if weights is None:
-        w = np.ones(len(manifests), dtype=np.float64)
-    else:
-        w = np.atleast_1d(np.asarray(weights, dtype=np.float64))
-        if w.shape != (len(manifests),):
-            raise ValueError(f"weights: expected {len(manifests)} value(s), one per manifest, got {w.tolist()}")
-        if not np.all(np.isfinite(w)) or np.any(w < 0):
-            raise ValueError(f"weights: must be finite and non-negative, got {w.tolist()}")
-    if min_duration is not None and max_duration is not None and min_duration > max_duration:
-        raise ValueError(f"min_duration ({min_duration}) > max_duration ({max_duration})")
     if len(manifests) > np.iinfo(np.int16).max:
         raise ValueError(f"path_or_paths: at most {np.iinfo(np.int16).max} manifests")
+    if weights is None:
+        return manifests, np.ones(len(manifests), dtype=np.float64)
+    w = np.atleast_1d(np.asarray(weights, dtype=np.float64))
+    if w.shape != (len(manifests),):
+        raise ValueError(f"weights: expected {len(manifests)} value(s), one per manifest, got {w.tolist()}")
+    if not np.all(np.isfinite(w)) or np.any(w < 0):
+        raise ValueError(f"weights: must be finite and non-negative, got {w.tolist()}")
+    return manifests, w
 
+
+def _parse_all(manifests: list[str], w: np.ndarray, check_files: bool, keep_text: bool,
+               require_text: bool) -> ManifestIndex:
+    """Every manifest's lines into one unfiltered index; all bad lines reported together."""
     table = _PathTable()
     all_dur, all_off, all_ids, all_src, all_text = [], [], [], [], []
     errors: list[str] = []
     for m, manifest in enumerate(manifests):
-        dur, off, ids, texts, errs = _parse_one(manifest, check_files, keep_text or require_text, table, require_text)
+        dur, off, ids, texts, errs = _parse_one(manifest, check_files, keep_text, table, require_text)
         errors.extend(errs)
         all_dur.append(np.frombuffer(dur, dtype=np.float64))
         all_off.append(np.frombuffer(off, dtype=np.float64))
@@ -304,26 +328,12 @@ def load_manifest(path_or_paths: str | os.PathLike | Sequence[str | os.PathLike]
     del table, all_dur, all_off, all_ids
 
     texts = None
-    if keep_text or require_text:
+    if keep_text:
         enc = [t.encode("utf-8") for t in all_text]
         starts = np.zeros(len(enc) + 1, dtype=np.int64)
         np.cumsum([len(b) for b in enc], out=starts[1:])
         texts = (np.frombuffer(b"".join(enc), dtype=np.uint8), starts)
 
-    index = ManifestIndex(durations=durations, offsets=offsets, path_ids=path_ids, sources=sources,
-                          weights=w, manifests=manifests, path_bytes=path_bytes,
-                          path_starts=path_starts, texts=texts)
-    keep = np.ones(len(index), dtype=bool)
-    if min_duration is not None:
-        keep &= durations >= min_duration
-    if max_duration is not None:
-        keep &= durations <= max_duration
-    n_drop = int((~keep).sum())
-    if n_drop:
-        index = index.subset(keep)
-        index.num_filtered = n_drop
-    if len(index) == 0:
-        raise ManifestError(
-            f"no utterances in {', '.join(manifests)}"
-            + (f" after the duration filter [{min_duration}, {max_duration}] s dropped {n_drop}" if n_drop else ""))
-    return index
+    return ManifestIndex(durations=durations, offsets=offsets, path_ids=path_ids, sources=sources,
+                         weights=w, manifests=manifests, path_bytes=path_bytes,
+                         path_starts=path_starts, texts=texts)
