@@ -196,7 +196,27 @@ def synthesize_utterance(rng: np.random.Generator, target_seconds: float, f0_bas
     pid = np.minimum(np.searchsorted(ends, tf, side="right"), len(names) - 1)
     rel = (tf - starts[pid]) / np.asarray(durs)[pid]  # position inside the phone, [0, 1)
 
-    # Formant tracks: targets at the centres of phones that have them, linear in between.
+    formants = _formant_tracks(names, starts, ends, tf, vtl)
+    voice, fric, asp, centre, width = _source_levels(names, pid, rel, vtl)
+    pulses = _glottal_pulses(rng, tf, ends[-1], f0_base, n)
+    noise_src = rng.standard_normal(n) * 0.1
+
+    env_v = _formant_envelope(formants)
+    env_n = _band_envelope(centre, width)
+    spec = _stft(pulses, n_frames) * (env_v * voice[:, None]) \
+        + _stft(noise_src, n_frames) * (env_n * fric[:, None] + env_v * asp[:, None])
+    y = _istft(spec, n)
+    level_db = rng.uniform(-28.0, -18.0)
+    rms = np.sqrt(np.mean(y ** 2)) + 1e-12
+    y = y * (10 ** (level_db / 20) / rms)
+    y += rng.standard_normal(n) * 10 ** (-72 / 20)  # faint room noise
+    align = [(p, float(s), float(e)) for p, s, e in zip(names, starts, ends)]
+    return y, align
+
+
+def _formant_tracks(names, starts, ends, tf: np.ndarray, vtl: float) -> np.ndarray:
+    """(n_frames, 4) formant frequencies: targets at the centres of phones that have them,
+    linear in between, scaled by ``vtl``."""
     anchor_t, anchor_f = [], []
     for i, p in enumerate(names):
         if p != "sil" and _BY_NAME[p].formants:
@@ -205,8 +225,13 @@ def synthesize_utterance(rng: np.random.Generator, target_seconds: float, f0_bas
     if not anchor_t:
         anchor_t, anchor_f = [0.0], [_SCHWA]
     anchor_f = np.asarray(anchor_f, dtype=np.float64) * vtl
-    formants = np.stack([np.interp(tf, anchor_t, anchor_f[:, j]) for j in range(4)], axis=1)
+    return np.stack([np.interp(tf, anchor_t, anchor_f[:, j]) for j in range(4)], axis=1)
 
+
+def _source_levels(names, pid: np.ndarray, rel: np.ndarray, vtl: float):
+    """Per frame: voicing, band-noise (frication) and formant-noise (aspiration) amplitudes,
+    smoothed, and the frication band's centre and width."""
+    n_frames = pid.shape[0]
     voice = np.zeros(n_frames)
     fric = np.zeros(n_frames)      # band-shaped noise amplitude
     asp = np.zeros(n_frames)       # formant-shaped noise amplitude (aspiration)
@@ -235,29 +260,18 @@ def synthesize_utterance(rng: np.random.Generator, target_seconds: float, f0_bas
                 asp[sel] = np.where(r >= 0.7, 0.25, 0.0)
             else:
                 voice[sel] = np.where(r < 0.55, ph.voice, np.where(r >= 0.7, 0.5, 0.0))
-    voice, fric, asp = _smooth(voice), _smooth(fric), _smooth(asp)
+    return _smooth(voice), _smooth(fric), _smooth(asp), centre, width
 
-    # Pitch: declination, a random accent curve, and a little vibrato.
-    dur = ends[-1]
+
+def _glottal_pulses(rng: np.random.Generator, tf: np.ndarray, dur: float, f0_base: float, n: int) -> np.ndarray:
+    """(n,) unit pulses at the glottal closures of a pitch track with declination, a random
+    accent curve and a little vibrato."""
     knots = np.linspace(0.0, dur, max(2, int(dur / 0.35)) + 1)
     accent = np.interp(tf, knots, rng.uniform(0.9, 1.15, knots.shape[0]))
     f0 = f0_base * (1.08 - 0.2 * tf / dur) * accent * (1 + 0.01 * np.sin(2 * np.pi * 5.0 * tf))
     f0_samples = np.interp(np.arange(n) / SAMPLE_RATE, tf, f0)
     phase = np.cumsum(f0_samples) / SAMPLE_RATE + rng.random()
-    pulses = np.diff(np.floor(phase), prepend=np.floor(phase[0])).astype(np.float64)
-    noise_src = rng.standard_normal(n) * 0.1
-
-    env_v = _formant_envelope(formants)
-    env_n = _band_envelope(centre, width)
-    spec = _stft(pulses, n_frames) * (env_v * voice[:, None]) \
-        + _stft(noise_src, n_frames) * (env_n * fric[:, None] + env_v * asp[:, None])
-    y = _istft(spec, n)
-    level_db = rng.uniform(-28.0, -18.0)
-    rms = np.sqrt(np.mean(y ** 2)) + 1e-12
-    y = y * (10 ** (level_db / 20) / rms)
-    y += rng.standard_normal(n) * 10 ** (-72 / 20)  # faint room noise
-    align = [(p, float(s), float(e)) for p, s, e in zip(names, starts, ends)]
-    return y, align
+    return np.diff(np.floor(phase), prepend=np.floor(phase[0])).astype(np.float64)
 
 
 def _noise(rng: np.random.Generator, kind: int, seconds: float) -> np.ndarray:
