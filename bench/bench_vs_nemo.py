@@ -10,6 +10,7 @@ and run this file with that interpreter, streamssl taken from the checkout:
 
     PYTHONPATH=$PWD ~/.cache/nemo-venv/bin/python -m pytest bench/bench_vs_nemo.py --benchmark-only \
         -q     # BENCH_THREADS=2 torch threads (default); BENCH_ROUNDS=n overrides every case's rounds
+               # BENCH_HOST_MEMORY=keep (default) | default: glibc thresholds for both sides
 
 On a machine another job keeps busy, use BENCH_THREADS=1: with 2 threads every parallel op waits
 for a descheduled thread and both sides' times swing by 2-50x between runs (bench/RESULTS.md).
@@ -74,6 +75,16 @@ from streamssl.ssl.quantizer import RandomProjectionQuantizer  # noqa: E402
 from streamssl.train.loop import _adamw, decay_param_groups  # noqa: E402
 
 THREADS = int(os.environ.get("BENCH_THREADS", "2"))
+# streamssl's trainer keeps freed host memory on CPU (streamssl.train.host_memory). The setting is
+# process-wide, so here it holds for both sides or neither: BENCH_HOST_MEMORY=keep (default, as
+# streamssl trains) or default (glibc's thresholds, as NeMo trains).
+HOST_MEMORY = os.environ.get("BENCH_HOST_MEMORY", "keep")
+if HOST_MEMORY not in ("keep", "default"):
+    raise ValueError(f"BENCH_HOST_MEMORY: expected keep or default, got {HOST_MEMORY!r}")
+if HOST_MEMORY == "keep":
+    from streamssl.train.host_memory import keep_freed_host_memory  # noqa: E402
+
+    keep_freed_host_memory()
 B, SECONDS, SR = 8, 4.0, 16000
 FRAMES = int(SECONDS * 100)  # 10 ms hop
 ENC_FRAMES = FRAMES // 8
@@ -106,7 +117,7 @@ def _ratio_table(request):
                          "ratio": t["nemo"] / t["streamssl"], "note": NOTES.get(group, "")})
     if not rows:
         return
-    lines = [f"NeMo / streamssl (medians; {THREADS} threads, streaming 1)",
+    lines = [f"NeMo / streamssl (medians; {THREADS} threads, streaming 1; host memory {HOST_MEMORY})",
              f"{'case':<46s} {'NeMo ms':>10s} {'streamssl ms':>13s} {'ratio':>7s}"]
     lines += [f"{r['group']:<46s} {r['nemo_ms']:10.1f} {r['streamssl_ms']:13.1f} {r['ratio']:7.2f}" for r in rows]
     with request.config.pluginmanager.getplugin("capturemanager").global_and_fixture_disabled():

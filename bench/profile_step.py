@@ -29,7 +29,8 @@ PYTHONPATH pointing at that worktree (the script uses only APIs both sides have)
 
     git worktree add /tmp/before <commit> && PYTHONPATH=/tmp/before python bench/profile_step.py ...
 
-``--json PATH`` writes the numbers as JSON.
+``--json PATH`` writes the numbers as JSON. Freed host memory is kept in the process as the
+trainer does (train/host_memory.py); ``PROFILE_HOST_MEMORY=default`` leaves glibc's defaults.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import statistics
 import time
 
@@ -69,6 +71,13 @@ def build(config: str):
     from streamssl.train import loop
 
     c = CONFIGS[config]
+    # The trainer keeps freed host memory on CPU where the checkout has it (train/host_memory.py).
+    try:
+        from streamssl.train.host_memory import keep_freed_host_memory
+    except ImportError:
+        keep_freed_host_memory = None
+    if keep_freed_host_memory is not None and os.environ.get("PROFILE_HOST_MEMORY", "keep") == "keep":
+        keep_freed_host_memory()
     over = ["data.train_manifest=unused", "model.augment.prob=0.0"] + [f"model.encoder.{k}={v}" for k, v in c.items()]
     cfg = load_config("small", over)
     torch.manual_seed(0)

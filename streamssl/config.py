@@ -164,6 +164,9 @@ class TrainerConfig:
     progress: bool = True  # tqdm bar on rank 0
     # Steps whose gradient is NaN/inf are skipped; this many in a row stop the run.
     max_nonfinite_steps: int = 10
+    # CPU runs keep freed host memory in the process (glibc's mmap/trim thresholds raised), so
+    # each step reuses its large activation buffers instead of page-faulting them again.
+    keep_host_memory: bool = True
 
 
 @dataclass

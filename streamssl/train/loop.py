@@ -45,6 +45,7 @@ from omegaconf import DictConfig
 
 from streamssl.checkpoint import CheckpointError, load_checkpoint, load_state_strict, save_checkpoint
 from streamssl.config import ConfigError, to_yaml
+from streamssl.train.host_memory import keep_freed_host_memory
 from streamssl.train.runlog import RunLog
 from streamssl.train.schedule import noam_lambda, step_seed
 
@@ -123,7 +124,7 @@ def decay_param_groups(modules: dict, weight_decay: float) -> list[dict]:
 # Keys that may change between a run and its resumption: they do not touch what is computed.
 RESUMABLE_KEYS = ("trainer.max_steps", "trainer.log_every", "trainer.ckpt_every", "trainer.val_every",
                   "trainer.max_val_batches", "trainer.keep_last", "trainer.progress", "trainer.max_nonfinite_steps",
-                  "data.num_workers", "data.val_manifest")
+                  "trainer.keep_host_memory", "data.num_workers", "data.val_manifest")
 
 
 # Seconds of training audio behind the global feature statistics of a fresh run.
@@ -185,6 +186,8 @@ class Runtime:
             backend = "nccl" if (cfg.trainer.device != "cpu" and torch.cuda.is_available()) else "gloo"
             dist.init_process_group(backend=backend)
         self.device = _pick_device(cfg, local_rank)
+        if self.device.type == "cpu" and cfg.trainer.keep_host_memory:
+            keep_freed_host_memory()
         self.is_main = self.rank == 0
         t = cfg.trainer
         self.amp = self.device.type == "cuda" and t.precision in ("auto", "bf16")
