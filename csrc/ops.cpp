@@ -6,13 +6,17 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <tuple>
+#include <utility>
 
 #include "common/block_mask_rule.h"
+#include "common/subsampling_stem_math.h"
 #include "cpu/block_mask.h"
 #include "cpu/dwconv_ln.h"
+#include "cpu/subsampling_stem.h"
 
 #ifdef STREAMSSL_WITH_CUDA
 #include <c10/core/DeviceGuard.h>
@@ -20,6 +24,7 @@
 
 #include "cuda/block_mask_launch.h"
 #include "cuda/dwconv_ln_launch.h"
+#include "cuda/subsampling_stem_launch.h"
 #endif
 
 namespace streamssl {
@@ -399,6 +404,79 @@ causal_dwconv_ln_backward_cuda(const at::Tensor& grad_y_in, const at::Tensor& x_
 }
 #endif
 
+// ---------------------------------------------------------------------------------------------
+// subsampling_stem_backward
+// ---------------------------------------------------------------------------------------------
+
+struct StemTensors {
+  at::Tensor grad_y1, y0, feats, w1;
+  stem::Shape shape;
+};
+
+// ValueError naming the argument, like streamssl/ops/subsampling_stem.py's checks.
+StemTensors check_stem_args(const at::Tensor& grad_y1, const at::Tensor& y0,
+                            const at::Tensor& feats, const at::Tensor& w1, int64_t pad) {
+  const char* op = "subsampling_stem_backward";
+  TORCH_CHECK_VALUE(pad == 0 || pad == 1, op, ": time_padding must be 0 or 1, got ", pad);
+  TORCH_CHECK_VALUE(feats.dim() == 3, op, ": feats must be (B, T, F), got ", feats.dim(), " dimensions");
+  TORCH_CHECK_VALUE(feats.scalar_type() == at::kFloat || feats.scalar_type() == at::kDouble, op,
+                    ": feats must be float32 or float64, got ", feats.scalar_type());
+  TORCH_CHECK_VALUE(y0.dim() == 4, op, ": y0 must be (B, T0, F0, C), got ", y0.dim(), " dimensions");
+  const int64_t B = feats.size(0), C = y0.size(3);
+  TORCH_CHECK_VALUE(C >= 1, op, ": y0 must have at least one channel, got shape ", y0.sizes());
+  const stem::Shape s = stem::make_shape(B, feats.size(1), feats.size(2), C, pad);
+  const std::pair<const at::Tensor*, const char*> named[] = {{&y0, "y0"}, {&grad_y1, "grad_y1"}, {&w1, "w1"}};
+  for (const auto& [t, name] : named) {
+    TORCH_CHECK_VALUE(t->device() == feats.device(), op, ": ", name, " is on ", t->device(),
+                      " but feats is on ", feats.device());
+    TORCH_CHECK_VALUE(t->scalar_type() == feats.scalar_type(), op, ": ", name,
+                      " must have feats' dtype ", feats.scalar_type(), ", got ", t->scalar_type());
+  }
+  TORCH_CHECK_VALUE(y0.sizes() == at::IntArrayRef({B, s.T0, s.F0, C}), op,
+                    ": y0 must have shape (B, T0, F0, C) = (", B, ", ", s.T0, ", ", s.F0, ", ", C,
+                    ") for feats of shape ", feats.sizes(), " and time_padding ", pad, ", got ", y0.sizes());
+  TORCH_CHECK_VALUE(grad_y1.sizes() == at::IntArrayRef({B, s.T1, s.F1, C}), op,
+                    ": grad_y1 must have shape (B, T1, F1, C) = (", B, ", ", s.T1, ", ", s.F1, ", ", C,
+                    "), got ", grad_y1.sizes());
+  TORCH_CHECK_VALUE(w1.sizes() == at::IntArrayRef({C, 3, 3}), op, ": w1 must have shape (C, 3, 3) = (",
+                    C, ", 3, 3), got ", w1.sizes());
+  return {grad_y1.contiguous(), y0.contiguous(), feats.contiguous(), w1.contiguous(), s};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> stem_outputs(const StemTensors& a) {
+  const int64_t C = a.shape.C;
+  const auto o = a.feats.options();
+  return {at::empty({C, 3, 3}, o), at::empty({C}, o), at::empty({C, 3, 3}, o)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> subsampling_stem_backward_cpu(
+    const at::Tensor& grad_y1, const at::Tensor& y0, const at::Tensor& feats, const at::Tensor& w1,
+    int64_t time_padding) {
+  const StemTensors a = check_stem_args(grad_y1, y0, feats, w1, time_padding);
+  auto [gw0, gb0, gw1] = stem_outputs(a);
+  cpu::subsampling_stem_backward(a.grad_y1, a.y0, a.feats, a.w1, time_padding, gw0, gb0, gw1);
+  return {gw0, gb0, gw1};
+}
+
+#ifdef STREAMSSL_WITH_CUDA
+std::tuple<at::Tensor, at::Tensor, at::Tensor> subsampling_stem_backward_cuda(
+    const at::Tensor& grad_y1, const at::Tensor& y0, const at::Tensor& feats, const at::Tensor& w1,
+    int64_t time_padding) {
+  const StemTensors a = check_stem_args(grad_y1, y0, feats, w1, time_padding);
+  const c10::DeviceGuard guard(feats.device());
+  auto [gw0, gb0, gw1] = stem_outputs(a);
+  const cuda::StemProblem p{a.shape.B, a.shape.T, a.shape.F, a.shape.C, time_padding,
+                            a.feats.scalar_type() == at::kDouble};
+  at::Tensor ws = at::empty({static_cast<int64_t>(std::max<size_t>(cuda::subsampling_stem_workspace_bytes(p), 16))},
+                            a.feats.options().dtype(at::kByte));
+  const char* err = cuda::launch_subsampling_stem_backward(
+      p, a.grad_y1.data_ptr(), a.y0.data_ptr(), a.feats.data_ptr(), a.w1.data_ptr(), gw0.data_ptr(),
+      gb0.data_ptr(), gw1.data_ptr(), ws.data_ptr(), current_cuda_stream(feats.device()));
+  TORCH_CHECK(err == nullptr, "subsampling_stem_backward: CUDA kernel launch failed: ", err);
+  return {gw0, gb0, gw1};
+}
+#endif
+
 }  // namespace
 }  // namespace streamssl
 
@@ -417,12 +495,16 @@ TORCH_LIBRARY(streamssl, m) {
       "Tensor ln_weight, Tensor ln_bias, Tensor? cache, Tensor mean, Tensor rstd, bool swish) -> "
       "(Tensor grad_x, Tensor grad_weight, Tensor grad_bias, Tensor grad_ln_weight, "
       "Tensor grad_ln_bias)");
+  m.def(
+      "subsampling_stem_backward(Tensor grad_y1, Tensor y0, Tensor feats, Tensor w1, "
+      "int time_padding) -> (Tensor grad_w0, Tensor grad_b0, Tensor grad_w1)");
 }
 
 TORCH_LIBRARY_IMPL(streamssl, CPU, m) {
   m.impl("causal_block_mask", &streamssl::causal_block_mask_cpu);
   m.impl("causal_dwconv_ln", &streamssl::causal_dwconv_ln_cpu);
   m.impl("causal_dwconv_ln_backward", &streamssl::causal_dwconv_ln_backward_cpu);
+  m.impl("subsampling_stem_backward", &streamssl::subsampling_stem_backward_cpu);
 }
 
 #ifdef STREAMSSL_WITH_CUDA
@@ -431,5 +513,6 @@ TORCH_LIBRARY_IMPL(streamssl, CUDA, m) {
   m.impl("causal_block_mask", &streamssl::causal_block_mask_cuda);
   m.impl("causal_dwconv_ln", &streamssl::causal_dwconv_ln_cuda);
   m.impl("causal_dwconv_ln_backward", &streamssl::causal_dwconv_ln_backward_cuda);
+  m.impl("subsampling_stem_backward", &streamssl::subsampling_stem_backward_cuda);
 }
 #endif

@@ -31,19 +31,7 @@
 
 #include "common/dwconv_ln_math.h"
 
-#if defined(__GNUC__) && defined(__x86_64__)
-// The hot loops are compiled once more for AVX2 + FMA + F16C and picked at run time.
-#define STREAMSSL_CPU_AVX2 1
-#define STREAMSSL_CPU_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
-#else
-#define STREAMSSL_CPU_AVX2 0
-#endif
-#if defined(__GNUC__)
-// Helpers are inlined into both variants so that each is compiled for its instruction set.
-#define STREAMSSL_CPU_INLINE __attribute__((always_inline)) inline
-#else
-#define STREAMSSL_CPU_INLINE inline
-#endif
+#include "cpu/cpu_dispatch.h"
 
 // The baseline variant passes 32-byte g++ vectors between inlined helpers; g++ notes that AVX
 // would pass them differently, which cannot matter for functions internal to this file.
@@ -473,21 +461,6 @@ STREAMSSL_CPU_INLINE void forward_tasks_body(const Args<S, A>& a, Tiling tiling,
     const int64_t t0 = (task % tiling.per_seq) * tiling.rows;
     forward_rows<S, A, kSwish>(a, b, t0, std::min(t0 + tiling.rows, a.T), scratch);
   }
-}
-
-// STREAMSSL_CPU_BASELINE=1 forces the baseline variant (tests run it on AVX2 machines too).
-bool cpu_has_avx2() {
-#if STREAMSSL_CPU_AVX2
-  static const bool yes = [] {
-    const char* force = std::getenv("STREAMSSL_CPU_BASELINE");
-    if (force != nullptr && force[0] != '\0' && std::strcmp(force, "0") != 0) return false;
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-           __builtin_cpu_supports("f16c");
-  }();
-  return yes;
-#else
-  return false;
-#endif
 }
 
 #if STREAMSSL_CPU_AVX2

@@ -68,6 +68,38 @@ class _ReluKeep(torch.autograd.Function):
         return torch.ops.aten.threshold_backward(grad, y, 0), None
 
 
+class _Stem(torch.autograd.Function):
+    """The first two stages (conv → ReLU·keep → depthwise conv) with the fused parameter backward.
+
+    Forward: the same convolutions and ReLU as ``_stage`` (bit-identical output). Backward:
+    ``ops.subsampling_stem_backward`` gives the gradients of w0, b0 and w1 in one pass over the
+    stage-0 map, without writing that map's gradient (the features take none: the caller uses
+    this path only when they do not require grad); b1's gradient is grad_y1's sum.
+    """
+
+    @staticmethod
+    def forward(ctx, feats, w0, b0, keep, w1, b1, time_padding: int):
+        y0 = F.conv2d(feats, w0, b0, _STRIDE, (time_padding, 1))
+        y0 = y0.clamp_min_(0).mul_(keep)
+        ctx.save_for_backward(feats, y0, w1)
+        ctx.time_padding = time_padding
+        return F.conv2d(y0, w1, b1, _STRIDE, (time_padding, 1), 1, w1.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad_y1):
+        from streamssl.ops import subsampling_stem_backward
+
+        feats, y0, w1 = ctx.saved_tensors
+        C = w1.shape[0]
+        gw0, gb0, gw1 = subsampling_stem_backward(
+            grad_y1.permute(0, 2, 3, 1), y0.permute(0, 2, 3, 1), feats[:, 0], w1.reshape(C, 3, 3), ctx.time_padding
+        )
+        # Gradients in the parameters' layout (channels_last, which for (C, 1, 3, 3) is contiguous).
+        gw0 = gw0.reshape(C, 1, 3, 3).contiguous(memory_format=torch.channels_last)
+        gw1 = gw1.reshape(C, 1, 3, 3).contiguous(memory_format=torch.channels_last)
+        return None, gw0, gb0, None, gw1, grad_y1.sum((0, 2, 3)), None
+
+
 def _valid(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """(B, 1, T, 1) bool: frame t of row b is before ``lengths[b]``."""
     return (torch.arange(x.shape[2], device=x.device) < lengths.unsqueeze(1))[:, None, :, None]
@@ -148,10 +180,42 @@ class CausalStridingSubsampling(nn.Module):
         # together with its ReLU; those frames are finite, made from zeroed input.
         x = _zero_padding(feats.unsqueeze(1), lengths)  # (B, 1, T, F)
         last = len(self.convs) - 1
-        for s in range(len(self.convs)):
+        first = 0
+        if self._fused_stem_applies(x):
+            x, lengths = self._stem(x, lengths, last)
+            first = 2
+        for s in range(first, len(self.convs)):
             lengths = _ceil_div(lengths, 2)
             x = self._stage(s, x, _CACHE, None if s == last else lengths)
         return self._project(x), lengths
+
+    def _fused_stem_applies(self, x: torch.Tensor) -> bool:
+        """Whether stages 0 and 1 train through ``_Stem``: their weights need gradients, the
+        features do not, there are two stages or more, and the dtype is one the op takes."""
+        if len(self.convs) < 2 or not torch.is_grad_enabled() or x.requires_grad:
+            return False
+        if x.dtype not in (torch.float32, torch.float64):
+            return False
+        if x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type):
+            return False  # the convolutions would run in a reduced dtype the op does not take
+        from streamssl.ops import uses_extension
+
+        params = (self.convs[0].weight, self.convs[0].bias, self.convs[1].weight, self.convs[1].bias)
+        return any(p.requires_grad for p in params) and uses_extension(x)
+
+    def _stem(self, x: torch.Tensor, lengths: torch.Tensor, last: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stages 0 and 1 of the full pass through ``_Stem`` (same outputs as two ``_stage`` calls)."""
+        lengths0 = _ceil_div(lengths, 2)
+        T0 = _ceil_div(x.shape[2], 2)
+        keep0 = (torch.arange(T0, device=x.device) < lengths0.unsqueeze(1))[:, None, :, None].to(x.dtype)
+        c0, c1 = self.convs[0], self.convs[1]
+        x = _Stem.apply(x.contiguous(memory_format=torch.channels_last), c0.weight, c0.bias, keep0,
+                        c1.weight, c1.bias, _CACHE)
+        lengths = _ceil_div(lengths0, 2)
+        x = self.pointwise[1](x)
+        if last == 1:
+            return F.relu(x, inplace=True), lengths
+        return _ReluKeep.apply(x, _valid(x, lengths).to(x.dtype)), lengths
 
     def init_cache(self, batch_size: int, device=None, dtype=None) -> list[torch.Tensor]:
         """Zeros for each stage's last input frame: [(B, 1, 1, F), (B, C, 1, ceil(F/2)), ...]."""

@@ -146,3 +146,40 @@ def causal_dwconv_ln(
     h = F.layer_norm(z, (C,), ln_weight.to(acc), ln_bias.to(acc), eps)
     y = F.silu(h) if activation == "swish" else h
     return y.to(x.dtype), xp[:, T:].detach().clone()
+
+
+def _stride2_conv(x: torch.Tensor, w: torch.Tensor, time_padding: int, groups: int) -> torch.Tensor:
+    """3x3 stride-2 conv of x (B, C_in, T, F), ``time_padding`` zeros around time, one around frequency."""
+    return F.conv2d(F.pad(x, (1, 1, time_padding, time_padding)), w, stride=2, groups=groups)
+
+
+def subsampling_stem_backward(
+    grad_y1: torch.Tensor, y0: torch.Tensor, feats: torch.Tensor, w1: torch.Tensor, time_padding: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Parameter gradients of the subsampling's first two stages, by autograd through their composition.
+
+    ``y0 = relu(conv3x3_s2(feats, w0) + b0) * keep`` and ``y1 = dwconv3x3_s2(y0, w1) + b1``
+    (``time_padding`` zero frames on both sides of time, one zero bin around frequency); y0 is
+    given, so neither w0, b0 nor keep is needed: the ReLU passes the gradient where y0 > 0.
+
+    Args (channels last, one dtype): grad_y1 (B, T1, F1, C), y0 (B, T0, F0, C), feats (B, T, F),
+        w1 (C, 3, 3).
+    Returns:
+        grad_w0 (C, 3, 3), grad_b0 (C,), grad_w1 (C, 3, 3).
+    """
+    C = y0.shape[3]
+    if grad_y1.numel() == 0:  # no stage-1 output (too few frames or bins): nothing to differentiate
+        z = feats.new_zeros(C, 3, 3)
+        return z, feats.new_zeros(C), z.clone()
+    with torch.enable_grad():
+        y = y0.permute(0, 3, 1, 2).detach().requires_grad_()
+        w = w1.detach().reshape(C, 1, 3, 3).requires_grad_()
+        out1 = _stride2_conv(y, w, time_padding, C)
+        grad_y0, grad_w1 = torch.autograd.grad(out1, (y, w), grad_y1.permute(0, 3, 1, 2))
+        g0 = torch.where(y > 0, grad_y0, 0.0)
+        # Stage 0 is linear in (w0, b0): its weight and bias gradients do not depend on them.
+        w0 = torch.zeros(C, 1, 3, 3, dtype=feats.dtype, device=feats.device, requires_grad=True)
+        b0 = torch.zeros(C, dtype=feats.dtype, device=feats.device, requires_grad=True)
+        out0 = _stride2_conv(feats.unsqueeze(1), w0, time_padding, 1) + b0[:, None, None]
+        grad_w0, grad_b0 = torch.autograd.grad(out0, (w0, b0), g0)
+    return grad_w0.reshape(C, 3, 3), grad_b0, grad_w1.reshape(C, 3, 3)
