@@ -1,5 +1,5 @@
 """causal_block_mask: reference == CPU kernel bit for bit, the rule's properties, op registration,
-gradients, bad inputs, and CUDA == CPU where a GPU exists (docs/ARCHITECTURE.md, "The two fused ops")."""
+gradients, bad inputs, and CUDA == CPU where a GPU exists (docs/ARCHITECTURE.md, "The fused ops")."""
 
 from __future__ import annotations
 

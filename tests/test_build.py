@@ -1,4 +1,4 @@
-"""The extension's build and backend selection (docs/ARCHITECTURE.md, "The two fused ops")."""
+"""The extension's build and backend selection (docs/ARCHITECTURE.md, "The fused ops")."""
 
 import json
 import os

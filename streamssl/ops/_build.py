@@ -4,7 +4,7 @@ The extension is compiled on first use with ``torch.utils.cpp_extension.load`` (
 ``~/.cache/streamssl``; rebuilt only when a source or a flag changes). CUDA sources are compiled by
 nvcc into plain object files first and linked in: the ``.cu`` launchers take raw pointers and a
 ``void*`` stream, so they need neither PyTorch's CUDA headers nor a CUDA build of PyTorch, and the
-CUDA variant compiles and links on any machine with nvcc, GPU or not (docs/ARCHITECTURE.md, "The two fused ops").
+CUDA variant compiles and links on any machine with nvcc, GPU or not (docs/ARCHITECTURE.md, "The fused ops").
 
 Environment:
     STREAMSSL_FORCE_REFERENCE=1  use the pure-PyTorch reference ops, build nothing.

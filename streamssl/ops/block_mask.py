@@ -1,4 +1,4 @@
-"""causal_block_mask: device-side causal block masking (docs/ARCHITECTURE.md, "The two fused ops")."""
+"""causal_block_mask: device-side causal block masking (docs/ARCHITECTURE.md, "The fused ops")."""
 
 from __future__ import annotations
 

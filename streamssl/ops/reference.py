@@ -1,6 +1,6 @@
 """Pure-PyTorch reference implementations of the streamssl ops.
 
-This file is the spec in code (docs/ARCHITECTURE.md, "The two fused ops"): readable, loop-friendly, and the fallback
+This file is the spec in code (docs/ARCHITECTURE.md, "The fused ops"): readable, loop-friendly, and the fallback
 when no C++ compiler is available. The C++ and CUDA kernels are tested against it. It favours
 clarity over speed; the masking reference synchronises with the host, which the kernels never do.
 """
@@ -72,7 +72,7 @@ def causal_block_mask(
     max_mask_ratio: float = 0.8,
     align: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Causal block masking, written as the rule reads (docs/ARCHITECTURE.md, "The two fused ops").
+    """Causal block masking, written as the rule reads (docs/ARCHITECTURE.md, "The fused ops").
 
     Args:
         feats: (B, T, F) float tensor.
