@@ -1,6 +1,9 @@
-// CPU kernel of the subsampling stem's fused backward (csrc/common/subsampling_stem_math.h).
+// CPU kernels of the subsampling stem (csrc/common/subsampling_stem_math.h).
 //
-// Work is split into tiles of kTileRows stage-0 frames (b, i); a tile walks its frames' bins j
+// Forward: one task per stage-0 frame (b, i); for each bin j the 9 input values are gathered once
+// and every channel's sum runs in the innermost, contiguous (vectorised) loop.
+//
+// Backward: work is split into tiles of kTileRows stage-0 frames (b, i); a tile walks its frames' bins j
 // and, for every channel at once (the innermost, contiguous loop, vectorised), gathers stage 1's
 // gradient through the taps that read y0[b, i, j], gates it with the ReLU, and adds the tile's
 // partial sums of all 19 parameter gradients. The partials are then summed over tiles in tile
@@ -41,43 +44,29 @@ STREAMSSL_CPU_INLINE void position(const StemArgs<S>& a, int64_t b, int64_t i, i
   const int64_t C = s.C;
   const S* __restrict__ y = a.y0 + ((b * s.T0 + i) * s.F0 + j) * C;
   std::fill(acc, acc + C, S(0));
-  bool fed = false;
-  for (int kt = 0; kt < 3; ++kt) {
-    const int64_t o = m::fed_output(i, kt, s.pad, s.T1);
-    if (o < 0) continue;
-    for (int kf = 0; kf < 3; ++kf) {
-      const int64_t p = m::fed_output(j, kf, 1, s.F1);
-      if (p < 0) continue;
-      fed = true;
-      const S* __restrict__ g = a.g1 + ((b * s.T1 + o) * s.F1 + p) * C;
-      const S* __restrict__ w = a.w1t + (kt * 3 + kf) * C;
-      S* __restrict__ gw = part + (m::kGradW1 + kt * 3 + kf) * C;
-      for (int64_t c = 0; c < C; ++c) {
-        // Through locals: the vectoriser sees two independent streams, not two aliased references.
-        S a_c = acc[c], gw_c = gw[c];
-        m::tap_update(w[c], y[c], g[c], a_c, gw_c);
-        acc[c] = a_c;
-        gw[c] = gw_c;
-      }
+  const bool fed = m::for_each_reader(i, j, s.pad, s.T1, s.F1, [&](int tap, int64_t o, int64_t q) {
+    const S* __restrict__ g = a.g1 + ((b * s.T1 + o) * s.F1 + q) * C;
+    const S* __restrict__ w = a.w1t + tap * C;
+    S* __restrict__ gw = part + (m::kGradW1 + tap) * C;
+    for (int64_t c = 0; c < C; ++c) {
+      // Through locals: the vectoriser sees two independent streams, not two aliased references.
+      S a_c = acc[c], gw_c = gw[c];
+      m::tap_update(w[c], y[c], g[c], a_c, gw_c);
+      acc[c] = a_c;
+      gw[c] = gw_c;
     }
-  }
+  });
   if (!fed) return;  // no stage-1 output reads this position: g0 = 0
   S* __restrict__ gb = part + m::kGradB0 * C;
   for (int64_t c = 0; c < C; ++c) {
     acc[c] = m::relu_gate(acc[c], y[c]);
     gb[c] += acc[c];
   }
-  for (int kt = 0; kt < 3; ++kt) {
-    const int64_t t = m::read_input(i, kt, s.pad, s.T);
-    if (t < 0) continue;
-    for (int kf = 0; kf < 3; ++kf) {
-      const int64_t f = m::read_input(j, kf, 1, s.F);
-      if (f < 0) continue;
-      const S v = a.feats[(b * s.T + t) * s.F + f];
-      S* __restrict__ gw = part + (m::kGradW0 + kt * 3 + kf) * C;
-      for (int64_t c = 0; c < C; ++c) gw[c] += acc[c] * v;
-    }
-  }
+  m::for_each_input(i, j, s.pad, s.T, s.F, [&](int tap, int64_t t, int64_t f) {
+    const S v = a.feats[(b * s.T + t) * s.F + f];
+    S* __restrict__ gw = part + (m::kGradW0 + tap) * C;
+    for (int64_t c = 0; c < C; ++c) gw[c] += acc[c] * v;
+  });
 }
 
 template <typename S>
@@ -104,6 +93,65 @@ STREAMSSL_CPU_TARGET_AVX2 void tiles_avx2(const StemArgs<S>& a, int64_t tile0, i
   tiles_body(a, tile0, tile1, parts);
 }
 #endif
+
+template <typename S>
+struct ForwardArgs {
+  const S* feats;
+  const S* w0t;  // (9, C)
+  const S* b0;
+  const int64_t* lengths0;
+  S* y0;
+  m::Shape s;
+};
+
+template <typename S>
+STREAMSSL_CPU_INLINE void forward_body(const ForwardArgs<S>& a, int64_t r0, int64_t r1) {
+  const m::Shape& s = a.s;
+  const int64_t C = s.C;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t b = r / s.T0, i = r % s.T0;
+    const bool valid = i < a.lengths0[b];
+    for (int64_t j = 0; j < s.F0; ++j) {
+      S v[m::kTaps] = {};  // zero padding stays 0
+      m::for_each_input(i, j, s.pad, s.T, s.F,
+                        [&](int tap, int64_t t, int64_t f) { v[tap] = a.feats[(b * s.T + t) * s.F + f]; });
+      S* __restrict__ y = a.y0 + (r * s.F0 + j) * C;
+      for (int64_t c = 0; c < C; ++c) {
+        S acc = a.b0[c];
+        for (int k = 0; k < m::kTaps; ++k) acc += a.w0t[k * C + c] * v[k];
+        y[c] = m::relu_keep(acc, valid);
+      }
+    }
+  }
+}
+
+template <typename S>
+void forward_baseline(const ForwardArgs<S>& a, int64_t r0, int64_t r1) {
+  forward_body(a, r0, r1);
+}
+
+#if STREAMSSL_CPU_AVX2
+template <typename S>
+STREAMSSL_CPU_TARGET_AVX2 void forward_avx2(const ForwardArgs<S>& a, int64_t r0, int64_t r1) {
+  forward_body(a, r0, r1);
+}
+#endif
+
+template <typename S>
+void run_forward(const at::Tensor& feats, const at::Tensor& w0, const at::Tensor& b0,
+                 const at::Tensor& lengths0, int64_t pad, at::Tensor& y0) {
+  const int64_t C = w0.size(0);
+  const m::Shape s = m::make_shape(feats.size(0), feats.size(1), feats.size(2), C, pad);
+  const at::Tensor w0t = w0.reshape({C, m::kTaps}).t().contiguous();
+  const ForwardArgs<S> a{feats.data_ptr<S>(), w0t.data_ptr<S>(), b0.data_ptr<S>(),
+                         lengths0.data_ptr<int64_t>(), y0.data_ptr<S>(), s};
+  at::parallel_for(0, s.B * s.T0, 4, [&](int64_t r0, int64_t r1) {
+#if STREAMSSL_CPU_AVX2
+    if (cpu_has_avx2()) return forward_avx2(a, r0, r1);
+#endif
+    forward_baseline(a, r0, r1);
+  });
+}
 
 template <typename S>
 void run(const at::Tensor& grad_y1, const at::Tensor& y0, const at::Tensor& feats,
@@ -146,6 +194,15 @@ void run(const at::Tensor& grad_y1, const at::Tensor& y0, const at::Tensor& feat
 }
 
 }  // namespace
+
+void subsampling_stem_forward(const at::Tensor& feats, const at::Tensor& w0, const at::Tensor& b0,
+                              const at::Tensor& lengths0, int64_t pad, at::Tensor& y0) {
+  if (feats.scalar_type() == at::kDouble) {
+    run_forward<double>(feats, w0, b0, lengths0, pad, y0);
+  } else {
+    run_forward<float>(feats, w0, b0, lengths0, pad, y0);
+  }
+}
 
 void subsampling_stem_backward(const at::Tensor& grad_y1, const at::Tensor& y0,
                                const at::Tensor& feats, const at::Tensor& w1, int64_t pad,

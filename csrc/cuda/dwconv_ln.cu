@@ -5,29 +5,11 @@
 
 #include "cuda/dwconv_ln.cuh"
 #include "cuda/dwconv_ln_launch.h"
+#include "cuda/launch_config.h"
 
 namespace streamssl {
 namespace cuda {
-namespace {
-
 namespace k = dwconv_ln_kernels;
-
-struct StreamLaunch {
-  cudaStream_t stream;
-  template <typename Kernel, typename Args>
-  int operator()(Kernel kernel, const k::LaunchConfig& c, const Args& args) const {
-    kernel<<<c.grid, c.block, c.smem, stream>>>(args);
-    return cudaPeekAtLastError() == cudaSuccess ? 0 : 1;
-  }
-};
-
-const char* status(int rc) {
-  const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) return cudaGetErrorString(err);
-  return rc == 0 ? nullptr : "no kernel for this row width";
-}
-
-}  // namespace
 
 int64_t dwconv_ln_max_channels(DwconvLnDtype) { return k::kMaxChannels; }
 
@@ -64,7 +46,7 @@ const char* launch_causal_dwconv_ln_forward(const DwconvLnProblem& p, const void
       rc = k::run_forward<float, float>(p, x, weight, bias, ln_weight, ln_bias, cache, eps, swish, y,
                                         new_cache, mean, rstd, workspace, launch);
   }
-  return status(rc);
+  return launch_status(rc, "no kernel for this row width");
 }
 
 const char* launch_causal_dwconv_ln_backward(const DwconvLnProblem& p, const void* grad_y,
@@ -97,7 +79,7 @@ const char* launch_causal_dwconv_ln_backward(const DwconvLnProblem& p, const voi
                                          swish, grad_x, grad_weight, grad_bias, grad_ln_weight,
                                          grad_ln_bias, workspace, launch);
   }
-  return status(rc);
+  return launch_status(rc, "no kernel for this row width");
 }
 
 }  // namespace cuda

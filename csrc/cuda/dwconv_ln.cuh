@@ -30,6 +30,7 @@
 
 #include "common/dwconv_ln_math.h"
 #include "cuda/dwconv_ln_launch.h"
+#include "cuda/launch_config.h"
 
 // Unroll hints for nvcc's device pass only (g++ compiles this file for the emulator).
 #if defined(__CUDA_ARCH__)
@@ -51,10 +52,7 @@ enum Dtype : int { kF32 = 0, kF16 = 1, kBF16 = 2, kF64 = 3 };
 // Launch configurations (shared by dwconv_ln.cu and the emulator bindings)
 // ---------------------------------------------------------------------------------------------
 
-struct LaunchConfig {
-  dim3 grid, block;
-  size_t smem;
-};
+using ::streamssl::cuda::LaunchConfig;
 
 // The widest rows the kernels take: a thread holds at most 16 channels (the backward keeps three
 // values per channel in registers) and a row group is at most 32 warps.

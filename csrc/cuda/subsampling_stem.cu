@@ -1,27 +1,23 @@
-// Launcher of the subsampling stem's fused-backward CUDA kernels: the launch sequence of
-// subsampling_stem.cuh with a policy that launches with <<<>>> on the caller's stream. No
-// PyTorch headers.
+// Launchers of the subsampling stem's CUDA kernels: the launch sequences of subsampling_stem.cuh
+// with a policy that launches with <<<>>> on the caller's stream. No PyTorch headers.
 #include <cuda_runtime.h>
 
 #include "cuda/subsampling_stem.cuh"
 #include "cuda/subsampling_stem_launch.h"
+#include "cuda/launch_config.h"
 
 namespace streamssl {
 namespace cuda {
-namespace {
-
 namespace k = subsampling_stem_kernels;
 
-struct StreamLaunch {
-  cudaStream_t stream;
-  template <typename Kernel, typename Args>
-  int operator()(Kernel kernel, const k::LaunchConfig& c, const Args& args) const {
-    kernel<<<c.grid, c.block, c.smem, stream>>>(args);
-    return cudaPeekAtLastError() == cudaSuccess ? 0 : 1;
-  }
-};
-
-}  // namespace
+const char* launch_subsampling_stem_forward(const StemProblem& p, const void* feats, const void* w0,
+                                            const void* b0, const int64_t* lengths0, void* y0,
+                                            void* stream) {
+  const StreamLaunch launch{static_cast<cudaStream_t>(stream)};
+  const int rc = p.float64 ? k::run_forward<double>(p, feats, w0, b0, lengths0, y0, launch)
+                           : k::run_forward<float>(p, feats, w0, b0, lengths0, y0, launch);
+  return launch_status(rc, "kernel launch failed");
+}
 
 size_t subsampling_stem_workspace_bytes(const StemProblem& p) { return k::workspace_bytes(p); }
 
@@ -33,9 +29,7 @@ const char* launch_subsampling_stem_backward(const StemProblem& p, const void* g
   const int rc = p.float64
                      ? k::run_backward<double>(p, grad_y1, y0, feats, w1, grad_w0, grad_b0, grad_w1, workspace, launch)
                      : k::run_backward<float>(p, grad_y1, y0, feats, w1, grad_w0, grad_b0, grad_w1, workspace, launch);
-  const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) return cudaGetErrorString(err);
-  return rc == 0 ? nullptr : "kernel launch failed";
+  return launch_status(rc, "kernel launch failed");
 }
 
 }  // namespace cuda

@@ -3,19 +3,13 @@
 // dwconv_ln.cu runs with <<<>>> -- with a policy that launches on the emulator.
 #include "cuda_emu.h"  // first: defines STREAMSSL_CUDA_EMU and the CUDA built-ins
 #include "cuda/dwconv_ln.cuh"
+#include "emu_launch.h"
 
 namespace k = streamssl::cuda::dwconv_ln_kernels;
 using streamssl::cuda::DwconvLnDtype;
 using streamssl::cuda::DwconvLnProblem;
 
 namespace {
-
-struct EmuLaunch {
-  template <typename Kernel, typename Args>
-  int operator()(Kernel kernel, const k::LaunchConfig& c, const Args& args) const {
-    return cuda_emu::launch(kernel, c.grid, c.block, c.smem, args);
-  }
-};
 
 bool valid_dtype(int64_t d) { return d >= 0 && d <= 3; }
 
