@@ -35,17 +35,21 @@ CL = torch.channels_last
 
 
 def stem_inputs():
+    """Inputs as the subsampling makes them: its own (channels_last) weights, so stage 0's output
+    is channels_last like in training and nothing pays for a layout copy."""
     g = torch.Generator().manual_seed(0)
-    feats = torch.randn(B, 1, T, FQ, generator=g).contiguous(memory_format=CL)
-    w0 = (torch.randn(C, 1, 3, 3, generator=g) / 3).requires_grad_()
-    b0 = (torch.randn(C, generator=g) * 0.1).requires_grad_()
-    w1 = (torch.randn(C, 1, 3, 3, generator=g) / 3).requires_grad_()
+    torch.manual_seed(0)
+    m = sub.CausalStridingSubsampling(FQ, 176, 8, C)
+    feats = sub._zero_padding(torch.randn(B, T, FQ, generator=g).unsqueeze(1), torch.full((B,), T))
+    feats = feats.contiguous(memory_format=CL)
+    params = (m.convs[0].weight, m.convs[0].bias, m.convs[1].weight)
     keep = torch.ones(B, 1, T // 2, 1)
     keep[1:, :, 150:] = 0  # ragged lengths
-    y0 = sub._ReluKeep.apply(F.conv2d(feats, w0, b0, 2, (1, 1)), keep)
-    y1 = F.conv2d(y0, w1, None, 2, (1, 1), 1, C)
+    y0 = sub._ReluKeep.apply(F.conv2d(feats, params[0], params[1], 2, (1, 1)), keep)
+    assert y0.is_contiguous(memory_format=CL)
+    y1 = F.conv2d(y0, params[2], None, 2, (1, 1), 1, C)
     grad_y1 = torch.randn(y1.shape, generator=g).contiguous(memory_format=CL)
-    return feats, (w0, b0, w1), y0, y1, grad_y1
+    return feats, params, y0, y1, grad_y1
 
 
 @pytest.mark.parametrize("name", ["fused", "composition", "clone"])

@@ -405,73 +405,8 @@ causal_dwconv_ln_backward_cuda(const at::Tensor& grad_y_in, const at::Tensor& x_
 #endif
 
 // ---------------------------------------------------------------------------------------------
-// subsampling_stem_forward / subsampling_stem_backward
+// subsampling_stem_backward
 // ---------------------------------------------------------------------------------------------
-
-struct StemForwardTensors {
-  at::Tensor feats, w0, b0, lengths0;
-  stem::Shape shape;
-};
-
-// ValueError naming the argument, like streamssl/ops/subsampling_stem.py's checks.
-StemForwardTensors check_stem_forward_args(const at::Tensor& feats, const at::Tensor& w0,
-                                           const at::Tensor& b0, const at::Tensor& lengths0,
-                                           int64_t pad) {
-  const char* op = "subsampling_stem_forward";
-  TORCH_CHECK_VALUE(pad == 0 || pad == 1, op, ": time_padding must be 0 or 1, got ", pad);
-  TORCH_CHECK_VALUE(feats.dim() == 3, op, ": feats must be (B, T, F), got ", feats.dim(), " dimensions");
-  TORCH_CHECK_VALUE(feats.scalar_type() == at::kFloat || feats.scalar_type() == at::kDouble, op,
-                    ": feats must be float32 or float64, got ", feats.scalar_type());
-  TORCH_CHECK_VALUE(w0.dim() == 3 && w0.size(0) >= 1 && w0.size(1) == 3 && w0.size(2) == 3, op,
-                    ": w0 must have shape (C, 3, 3) with C >= 1, got ", w0.sizes());
-  const int64_t B = feats.size(0), C = w0.size(0);
-  TORCH_CHECK_VALUE(b0.sizes() == at::IntArrayRef({C}), op, ": b0 must have shape (C,) = (", C,
-                    "), got ", b0.sizes());
-  TORCH_CHECK_VALUE(lengths0.sizes() == at::IntArrayRef({B}), op, ": lengths0 must have shape (B,) = (",
-                    B, "), got ", lengths0.sizes());
-  TORCH_CHECK_VALUE(lengths0.scalar_type() == at::kLong, op, ": lengths0 must be int64, got ",
-                    lengths0.scalar_type());
-  const std::pair<const at::Tensor*, const char*> named[] = {{&w0, "w0"}, {&b0, "b0"}, {&lengths0, "lengths0"}};
-  for (const auto& [t, name] : named) {
-    TORCH_CHECK_VALUE(t->device() == feats.device(), op, ": ", name, " is on ", t->device(),
-                      " but feats is on ", feats.device());
-    TORCH_CHECK_VALUE(t == &lengths0 || t->scalar_type() == feats.scalar_type(), op, ": ", name,
-                      " must have feats' dtype ", feats.scalar_type(), ", got ", t->scalar_type());
-  }
-  return {feats.contiguous(), w0.contiguous(), b0.contiguous(), lengths0.contiguous(),
-          stem::make_shape(B, feats.size(1), feats.size(2), C, pad)};
-}
-
-at::Tensor stem_forward_output(const StemForwardTensors& a) {
-  const stem::Shape& s = a.shape;
-  return at::empty({s.B, s.T0, s.F0, s.C}, a.feats.options());
-}
-
-at::Tensor subsampling_stem_forward_cpu(const at::Tensor& feats, const at::Tensor& w0,
-                                        const at::Tensor& b0, const at::Tensor& lengths0,
-                                        int64_t time_padding) {
-  const StemForwardTensors a = check_stem_forward_args(feats, w0, b0, lengths0, time_padding);
-  at::Tensor y0 = stem_forward_output(a);
-  cpu::subsampling_stem_forward(a.feats, a.w0, a.b0, a.lengths0, time_padding, y0);
-  return y0;
-}
-
-#ifdef STREAMSSL_WITH_CUDA
-at::Tensor subsampling_stem_forward_cuda(const at::Tensor& feats, const at::Tensor& w0,
-                                         const at::Tensor& b0, const at::Tensor& lengths0,
-                                         int64_t time_padding) {
-  const StemForwardTensors a = check_stem_forward_args(feats, w0, b0, lengths0, time_padding);
-  const c10::DeviceGuard guard(feats.device());
-  at::Tensor y0 = stem_forward_output(a);
-  const cuda::StemProblem p{a.shape.B, a.shape.T, a.shape.F, a.shape.C, time_padding,
-                            a.feats.scalar_type() == at::kDouble};
-  const char* err = cuda::launch_subsampling_stem_forward(p, a.feats.data_ptr(), a.w0.data_ptr(),
-                                                          a.b0.data_ptr(), a.lengths0.data_ptr<int64_t>(),
-                                                          y0.data_ptr(), current_cuda_stream(feats.device()));
-  TORCH_CHECK(err == nullptr, "subsampling_stem_forward: CUDA kernel launch failed: ", err);
-  return y0;
-}
-#endif
 
 struct StemTensors {
   at::Tensor grad_y1, y0, feats, w1;
@@ -561,9 +496,6 @@ TORCH_LIBRARY(streamssl, m) {
       "(Tensor grad_x, Tensor grad_weight, Tensor grad_bias, Tensor grad_ln_weight, "
       "Tensor grad_ln_bias)");
   m.def(
-      "subsampling_stem_forward(Tensor feats, Tensor w0, Tensor b0, Tensor lengths0, "
-      "int time_padding) -> Tensor y0");
-  m.def(
       "subsampling_stem_backward(Tensor grad_y1, Tensor y0, Tensor feats, Tensor w1, "
       "int time_padding) -> (Tensor grad_w0, Tensor grad_b0, Tensor grad_w1)");
 }
@@ -572,7 +504,6 @@ TORCH_LIBRARY_IMPL(streamssl, CPU, m) {
   m.impl("causal_block_mask", &streamssl::causal_block_mask_cpu);
   m.impl("causal_dwconv_ln", &streamssl::causal_dwconv_ln_cpu);
   m.impl("causal_dwconv_ln_backward", &streamssl::causal_dwconv_ln_backward_cpu);
-  m.impl("subsampling_stem_forward", &streamssl::subsampling_stem_forward_cpu);
   m.impl("subsampling_stem_backward", &streamssl::subsampling_stem_backward_cpu);
 }
 
@@ -582,7 +513,6 @@ TORCH_LIBRARY_IMPL(streamssl, CUDA, m) {
   m.impl("causal_block_mask", &streamssl::causal_block_mask_cuda);
   m.impl("causal_dwconv_ln", &streamssl::causal_dwconv_ln_cuda);
   m.impl("causal_dwconv_ln_backward", &streamssl::causal_dwconv_ln_backward_cuda);
-  m.impl("subsampling_stem_forward", &streamssl::subsampling_stem_forward_cuda);
   m.impl("subsampling_stem_backward", &streamssl::subsampling_stem_backward_cuda);
 }
 #endif

@@ -1,5 +1,5 @@
-// The subsampling stem's fused kernels: index rules and per-element math, shared by the CPU
-// kernels (csrc/cpu/subsampling_stem.cpp), the CUDA kernels (csrc/cuda/subsampling_stem.cuh) and
+// The subsampling stem's fused backward: index rules and per-element math, shared by the CPU
+// kernel (csrc/cpu/subsampling_stem.cpp), the CUDA kernels (csrc/cuda/subsampling_stem.cuh) and
 // the CUDA emulator.
 //
 // The stem is the first two stages of the causal striding subsampling, channels last:
@@ -8,11 +8,8 @@
 // with `pad` zero frames on both sides of time and one zero bin on both sides of frequency; keep
 // zeroes the stage-0 frames at or past each utterance's stage-0 length.
 //
-// Forward (stage 0): one pass that writes y0 once, bias + w[0] x[0] + ... + w[8] x[8] in tap
-// order, then relu_keep; PyTorch's convolution, ReLU and mask would write it three times. Stage 1
-// is PyTorch's depthwise convolution.
-//
-// Backward: given grad_y1, only the parameter gradients are needed (the features take none):
+// The forward is PyTorch's (its convolution, ReLU and mask already run at the memory floor of
+// writing y0). Backward: given grad_y1, only the parameter gradients are needed (the features take none):
 //   g0[b,i,j,c]      = (y0 > 0) * sum over taps (kt,kf) feeding y1[b,o,p]: w1[c,kt,kf] grad_y1[b,o,p,c]
 //   grad_w1[c,kt,kf] = sum_{b,o,p} y0[b, 2o+kt-pad, 2p+kf-1, c] grad_y1[b,o,p,c]
 //   grad_w0[c,kt,kf] = sum_{b,i,j} g0[b,i,j,c] feats[b, 2i+kt-pad, 2j+kf-1]
@@ -98,13 +95,6 @@ STREAMSSL_HD void tap_update(A w1, A y0, A g1, A& g0_sum, A& grad_w1) {
 template <typename A>
 STREAMSSL_HD A relu_gate(A g0_sum, A y0) {
   return y0 > A(0) ? g0_sum : A(0);
-}
-
-// A stage-0 output after its ReLU and padding mask: frames at or past the utterance's stage-0
-// length are zero, whatever the convolution gave there.
-template <typename A>
-STREAMSSL_HD A relu_keep(A conv, bool valid) {
-  return (valid && conv > A(0)) ? conv : A(0);
 }
 
 // Sizes of one problem (checked by csrc/ops.cpp before any kernel runs).

@@ -1,9 +1,6 @@
-// CPU kernels of the subsampling stem (csrc/common/subsampling_stem_math.h).
+// CPU kernel of the subsampling stem's fused backward (csrc/common/subsampling_stem_math.h).
 //
-// Forward: one task per stage-0 frame (b, i); for each bin j the 9 input values are gathered once
-// and every channel's sum runs in the innermost, contiguous (vectorised) loop.
-//
-// Backward: work is split into tiles of kTileRows stage-0 frames (b, i); a tile walks its frames' bins j
+// Work is split into tiles of kTileRows stage-0 frames (b, i); a tile walks its frames' bins j
 // and, for every channel at once (the innermost, contiguous loop, vectorised), gathers stage 1's
 // gradient through the taps that read y0[b, i, j], gates it with the ReLU, and adds the tile's
 // partial sums of all 19 parameter gradients. The partials are then summed over tiles in tile
@@ -95,65 +92,6 @@ STREAMSSL_CPU_TARGET_AVX2 void tiles_avx2(const StemArgs<S>& a, int64_t tile0, i
 #endif
 
 template <typename S>
-struct ForwardArgs {
-  const S* feats;
-  const S* w0t;  // (9, C)
-  const S* b0;
-  const int64_t* lengths0;
-  S* y0;
-  m::Shape s;
-};
-
-template <typename S>
-STREAMSSL_CPU_INLINE void forward_body(const ForwardArgs<S>& a, int64_t r0, int64_t r1) {
-  const m::Shape& s = a.s;
-  const int64_t C = s.C;
-  for (int64_t r = r0; r < r1; ++r) {
-    const int64_t b = r / s.T0, i = r % s.T0;
-    const bool valid = i < a.lengths0[b];
-    for (int64_t j = 0; j < s.F0; ++j) {
-      S v[m::kTaps] = {};  // zero padding stays 0
-      m::for_each_input(i, j, s.pad, s.T, s.F,
-                        [&](int tap, int64_t t, int64_t f) { v[tap] = a.feats[(b * s.T + t) * s.F + f]; });
-      S* __restrict__ y = a.y0 + (r * s.F0 + j) * C;
-      for (int64_t c = 0; c < C; ++c) {
-        S acc = a.b0[c];
-        for (int k = 0; k < m::kTaps; ++k) acc += a.w0t[k * C + c] * v[k];
-        y[c] = m::relu_keep(acc, valid);
-      }
-    }
-  }
-}
-
-template <typename S>
-void forward_baseline(const ForwardArgs<S>& a, int64_t r0, int64_t r1) {
-  forward_body(a, r0, r1);
-}
-
-#if STREAMSSL_CPU_AVX2
-template <typename S>
-STREAMSSL_CPU_TARGET_AVX2 void forward_avx2(const ForwardArgs<S>& a, int64_t r0, int64_t r1) {
-  forward_body(a, r0, r1);
-}
-#endif
-
-template <typename S>
-void run_forward(const at::Tensor& feats, const at::Tensor& w0, const at::Tensor& b0,
-                 const at::Tensor& lengths0, int64_t pad, at::Tensor& y0) {
-  const int64_t C = w0.size(0);
-  const m::Shape s = m::make_shape(feats.size(0), feats.size(1), feats.size(2), C, pad);
-  const at::Tensor w0t = w0.reshape({C, m::kTaps}).t().contiguous();
-  const ForwardArgs<S> a{feats.data_ptr<S>(), w0t.data_ptr<S>(), b0.data_ptr<S>(),
-                         lengths0.data_ptr<int64_t>(), y0.data_ptr<S>(), s};
-  at::parallel_for(0, s.B * s.T0, 4, [&](int64_t r0, int64_t r1) {
-#if STREAMSSL_CPU_AVX2
-    if (cpu_has_avx2()) return forward_avx2(a, r0, r1);
-#endif
-    forward_baseline(a, r0, r1);
-  });
-}
-
-template <typename S>
 void run(const at::Tensor& grad_y1, const at::Tensor& y0, const at::Tensor& feats,
          const at::Tensor& w1, int64_t pad, at::Tensor& grad_w0, at::Tensor& grad_b0,
          at::Tensor& grad_w1) {
@@ -194,15 +132,6 @@ void run(const at::Tensor& grad_y1, const at::Tensor& y0, const at::Tensor& feat
 }
 
 }  // namespace
-
-void subsampling_stem_forward(const at::Tensor& feats, const at::Tensor& w0, const at::Tensor& b0,
-                              const at::Tensor& lengths0, int64_t pad, at::Tensor& y0) {
-  if (feats.scalar_type() == at::kDouble) {
-    run_forward<double>(feats, w0, b0, lengths0, pad, y0);
-  } else {
-    run_forward<float>(feats, w0, b0, lengths0, pad, y0);
-  }
-}
 
 void subsampling_stem_backward(const at::Tensor& grad_y1, const at::Tensor& y0,
                                const at::Tensor& feats, const at::Tensor& w1, int64_t pad,

@@ -1,5 +1,6 @@
-// Launchers of the subsampling stem's CUDA kernels: the launch sequences of subsampling_stem.cuh
-// with a policy that launches with <<<>>> on the caller's stream. No PyTorch headers.
+// Launcher of the subsampling stem's fused-backward CUDA kernels: the launch sequence of
+// subsampling_stem.cuh with a policy that launches with <<<>>> on the caller's stream. No
+// PyTorch headers.
 #include <cuda_runtime.h>
 
 #include "cuda/subsampling_stem.cuh"
@@ -9,15 +10,6 @@
 namespace streamssl {
 namespace cuda {
 namespace k = subsampling_stem_kernels;
-
-const char* launch_subsampling_stem_forward(const StemProblem& p, const void* feats, const void* w0,
-                                            const void* b0, const int64_t* lengths0, void* y0,
-                                            void* stream) {
-  const StreamLaunch launch{static_cast<cudaStream_t>(stream)};
-  const int rc = p.float64 ? k::run_forward<double>(p, feats, w0, b0, lengths0, y0, launch)
-                           : k::run_forward<float>(p, feats, w0, b0, lengths0, y0, launch);
-  return launch_status(rc, "kernel launch failed");
-}
 
 size_t subsampling_stem_workspace_bytes(const StemProblem& p) { return k::workspace_bytes(p); }
 

@@ -1,12 +1,9 @@
-// CUDA kernels of the subsampling stem (csrc/common/subsampling_stem_math.h), as plain device
-// code: no PyTorch headers, raw pointers and sizes. subsampling_stem.cu launches them with <<<>>>,
-// the CUDA emulator bindings (tests/cuda_emu) with cuda_emu::launch, both through run_forward and
+// CUDA kernels of the subsampling stem's fused backward (csrc/common/subsampling_stem_math.h), as
+// plain device code: no PyTorch headers, raw pointers and sizes. subsampling_stem.cu launches them
+// with <<<>>>, the CUDA emulator bindings (tests/cuda_emu) with cuda_emu::launch, both through
 // run_backward below.
 //
-// Forward: one thread per channel of a stage-0 frame (b, i), walking its bins j; the 9 feature
-// values of a bin are the same for every thread (broadcast loads), y0 is written coalesced.
-//
-// Backward: (1) the tile kernel: one thread per channel over a tile of stage-0 frames (b, i), walking their
+// (1) The tile kernel: one thread per channel over a tile of stage-0 frames (b, i), walking their
 // bins j; consecutive threads read consecutive channels of y0 and grad_y1 (coalesced), the
 // features are one broadcast value per tap. Each thread keeps the 19 partial sums of its channel
 // in registers and writes them to the workspace. (2) The reduce kernel sums the partials over
@@ -44,48 +41,6 @@ inline size_t workspace_bytes(const StemProblem& p) {
   const m::Shape s = m::make_shape(p.B, p.T, p.F, p.C, p.pad);
   const size_t elem = p.float64 ? sizeof(double) : sizeof(float);
   return static_cast<size_t>(tile_count(s.B * s.T0)) * m::kPartials * static_cast<size_t>(p.C) * elem;
-}
-
-template <typename S>
-struct ForwardArgs {
-  const S* feats;
-  const S* w0;  // (C, 3, 3)
-  const S* b0;
-  const int64_t* lengths0;
-  S* y0;
-  m::Shape s;
-};
-
-template <typename S>
-__global__ void forward_kernel(const ForwardArgs<S> a) {
-  const int64_t c = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
-  const m::Shape& s = a.s;
-  if (c >= s.C) return;
-  const int64_t r = blockIdx.x, b = r / s.T0, i = r % s.T0;
-  S w[m::kTaps];
-  for (int k = 0; k < m::kTaps; ++k) w[k] = a.w0[c * m::kTaps + k];
-  const S bias = a.b0[c];
-  const bool valid = i < a.lengths0[b];
-  for (int64_t j = 0; j < s.F0; ++j) {
-    S v[m::kTaps] = {};  // zero padding stays 0
-    m::for_each_input(i, j, s.pad, s.T, s.F,
-                      [&](int tap, int64_t t, int64_t f) { v[tap] = a.feats[(b * s.T + t) * s.F + f]; });
-    S acc = bias;  // in tap order, like the CPU kernel
-    for (int k = 0; k < m::kTaps; ++k) acc += w[k] * v[k];
-    a.y0[(r * s.F0 + j) * s.C + c] = m::relu_keep(acc, valid);
-  }
-}
-
-template <typename S, typename Launch>
-int run_forward(const StemProblem& p, const void* feats, const void* w0, const void* b0,
-                const int64_t* lengths0, void* y0, Launch&& launch) {
-  const m::Shape s = m::make_shape(p.B, p.T, p.F, p.C, p.pad);
-  if (s.B * s.T0 == 0) return 0;
-  const ForwardArgs<S> fa{static_cast<const S*>(feats), static_cast<const S*>(w0), static_cast<const S*>(b0),
-                          lengths0, static_cast<S*>(y0), s};
-  const unsigned channel_blocks = static_cast<unsigned>((p.C + kThreads - 1) / kThreads);
-  const LaunchConfig fc{dim3(static_cast<unsigned>(s.B * s.T0), channel_blocks), dim3(kThreads), 0};
-  return launch(forward_kernel<S>, fc, fa);
 }
 
 template <typename S>

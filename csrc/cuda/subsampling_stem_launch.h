@@ -1,4 +1,4 @@
-// Host entry points of the subsampling stem's CUDA kernels: plain C++ (no CUDA or
+// Host entry points of the subsampling stem's fused-backward CUDA kernels: plain C++ (no CUDA or
 // PyTorch headers), so csrc/ops.cpp can call them from a translation unit g++ compiles.
 //
 // Pointers are device pointers to contiguous tensors of one dtype (float32 or float64);
@@ -15,11 +15,6 @@ struct StemProblem {
   int64_t B, T, F, C, pad;
   bool float64;
 };
-
-// feats (B, T, F), w0 (C, 3, 3), b0 (C,), lengths0 (B,) int64 -> y0 (B, T0, F0, C).
-const char* launch_subsampling_stem_forward(const StemProblem& p, const void* feats, const void* w0,
-                                            const void* b0, const int64_t* lengths0, void* y0,
-                                            void* stream);
 
 // Bytes of device workspace the backward needs (the caller allocates them, 16-byte aligned).
 size_t subsampling_stem_workspace_bytes(const StemProblem& p);

@@ -69,27 +69,21 @@ class _ReluKeep(torch.autograd.Function):
 
 
 class _Stem(torch.autograd.Function):
-    """The first two stages (conv → ReLU·keep → depthwise conv) with fused kernels for training.
+    """The first two stages (conv → ReLU·keep → depthwise conv) with the fused parameter backward.
 
-    Forward: ``ops.subsampling_stem_forward`` writes the stage-0 map once (convolution, bias, ReLU
-    and padding mask in one pass; the same values as ``_stage`` up to float32 summation order),
-    then PyTorch's depthwise convolution. Backward: ``ops.subsampling_stem_backward`` gives the
-    gradients of w0, b0 and w1 in one pass over the stage-0 map, without writing that map's
-    gradient (the features take none: the caller uses this path only when they do not require
-    grad); b1's gradient is grad_y1's sum.
+    Forward: the same convolutions and ReLU as ``_stage`` (bit-identical output). Backward:
+    ``ops.subsampling_stem_backward`` gives the gradients of w0, b0 and w1 in one pass over the
+    stage-0 map, without writing that map's gradient (the features take none: the caller uses
+    this path only when they do not require grad); b1's gradient is grad_y1's sum.
     """
 
     @staticmethod
-    def forward(ctx, feats, w0, b0, lengths0, w1, b1, time_padding: int):
-        from streamssl.ops import subsampling_stem_forward
-
-        C = w0.shape[0]
-        # (B, T0, F0, C) viewed as NCHW: channels_last, the layout every later stage runs in.
-        y0 = subsampling_stem_forward(feats[:, 0], w0.reshape(C, 3, 3), b0, lengths0, time_padding)
-        y0 = y0.permute(0, 3, 1, 2)
+    def forward(ctx, feats, w0, b0, keep, w1, b1, time_padding: int):
+        y0 = F.conv2d(feats, w0, b0, _STRIDE, (time_padding, 1))
+        y0 = y0.clamp_min_(0).mul_(keep)
         ctx.save_for_backward(feats, y0, w1)
         ctx.time_padding = time_padding
-        return F.conv2d(y0, w1, b1, _STRIDE, (time_padding, 1), 1, C)
+        return F.conv2d(y0, w1, b1, _STRIDE, (time_padding, 1), 1, w1.shape[0])
 
     @staticmethod
     def backward(ctx, grad_y1):
@@ -197,8 +191,8 @@ class CausalStridingSubsampling(nn.Module):
 
     def _fused_stem_applies(self, x: torch.Tensor) -> bool:
         """Whether stages 0 and 1 train through ``_Stem``: in training mode, their weights need
-        gradients, the features do not, there are two stages or more, and the dtype is one the ops
-        take. Evaluation always runs stage by stage, the computation the streaming step repeats."""
+        gradients, the features do not, there are two stages or more, and the dtype is one the op
+        takes. Evaluation always runs stage by stage (the same forward, without the saved map)."""
         if not self.training or len(self.convs) < 2 or not torch.is_grad_enabled() or x.requires_grad:
             return False
         if x.dtype not in (torch.float32, torch.float64):
@@ -211,11 +205,13 @@ class CausalStridingSubsampling(nn.Module):
         return any(p.requires_grad for p in params) and uses_extension(x)
 
     def _stem(self, x: torch.Tensor, lengths: torch.Tensor, last: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Stages 0 and 1 of the full pass through ``_Stem`` (the outputs of two ``_stage`` calls, up to
-        float32 summation order in stage 0)."""
+        """Stages 0 and 1 of the full pass through ``_Stem`` (the outputs of two ``_stage`` calls)."""
         lengths0 = _ceil_div(lengths, 2)
+        T0 = _ceil_div(x.shape[2], 2)
+        keep0 = (torch.arange(T0, device=x.device) < lengths0.unsqueeze(1))[:, None, :, None].to(x.dtype)
         c0, c1 = self.convs[0], self.convs[1]
-        x = _Stem.apply(x, c0.weight, c0.bias, lengths0, c1.weight, c1.bias, _CACHE)
+        x = _Stem.apply(x.contiguous(memory_format=torch.channels_last), c0.weight, c0.bias, keep0,
+                        c1.weight, c1.bias, _CACHE)
         lengths = _ceil_div(lengths0, 2)
         x = self.pointwise[1](x)
         if last == 1:

@@ -14,10 +14,9 @@ import warnings
 from . import _build, reference
 from .block_mask import causal_block_mask
 from .dwconv_ln import causal_dwconv_ln
-from .subsampling_stem import subsampling_stem_backward, subsampling_stem_forward
+from .subsampling_stem import subsampling_stem_backward
 
-__all__ = ["backend", "causal_block_mask", "causal_dwconv_ln", "reference", "subsampling_stem_backward",
-           "subsampling_stem_forward"]
+__all__ = ["backend", "causal_block_mask", "causal_dwconv_ln", "reference", "subsampling_stem_backward"]
 
 _lock = threading.Lock()
 _registered = False

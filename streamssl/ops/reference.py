@@ -153,26 +153,6 @@ def _stride2_conv(x: torch.Tensor, w: torch.Tensor, time_padding: int, groups: i
     return F.conv2d(F.pad(x, (1, 1, time_padding, time_padding)), w, stride=2, groups=groups)
 
 
-def subsampling_stem_forward(
-    feats: torch.Tensor, w0: torch.Tensor, b0: torch.Tensor, lengths0: torch.Tensor, time_padding: int
-) -> torch.Tensor:
-    """The subsampling's stage 0, channels last: ``relu(conv3x3_s2(feats, w0) + b0)``, zero from
-    frame ``lengths0[b]`` on (``time_padding`` zero frames around time, one zero bin around frequency).
-
-    Args: feats (B, T, F); w0 (C, 3, 3); b0 (C,); lengths0 (B,) int64.
-    Returns: y0 (B, T0, F0, C) with T0 = (T + 2p - 3) // 2 + 1 (0 if negative), F0 = (F - 1) // 2 + 1.
-    """
-    B, T, Fq = feats.shape
-    C = w0.shape[0]
-    T0 = 0 if T + 2 * time_padding < 3 else (T + 2 * time_padding - 3) // 2 + 1
-    F0 = 0 if Fq < 1 else (Fq - 1) // 2 + 1
-    if T0 == 0 or F0 == 0:
-        return feats.new_zeros(B, T0, F0, C)
-    y = _stride2_conv(feats.unsqueeze(1), w0.reshape(C, 1, 3, 3), time_padding, 1) + b0[:, None, None]
-    keep = (torch.arange(T0, device=feats.device) < lengths0[:, None])[:, None, :, None]
-    return torch.where(keep, y.clamp_min(0), 0.0).permute(0, 2, 3, 1).contiguous()
-
-
 def subsampling_stem_backward(
     grad_y1: torch.Tensor, y0: torch.Tensor, feats: torch.Tensor, w1: torch.Tensor, time_padding: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

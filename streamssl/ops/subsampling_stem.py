@@ -1,19 +1,16 @@
-"""subsampling_stem_forward / subsampling_stem_backward: the subsampling's first two stages, fused.
+"""subsampling_stem_backward: the fused backward of the subsampling's first two stages.
 
 The striding subsampling's stem is ``y0 = relu(conv3x3_s2(feats) + b0) * keep`` (1 -> C channels)
 then ``y1 = depthwise_conv3x3_s2(y0) + b1``; y0 is the largest map of the encoder (B, C, T/2, F/2).
 Autograd's backward of that pair writes the gradient of y0, gates it with the ReLU and reads it
 again for the stage-0 weight gradient: three passes over the map. This op computes the parameter
-gradients in one pass over y0 without writing its gradient (the features take none); its
-forward partner writes y0 once (convolution, bias, ReLU and padding mask in one pass).
-``streamssl.nn.subsampling`` calls both from its autograd function when it trains; the
-references (``reference.subsampling_stem_forward`` / ``_backward``) are the PyTorch composition
-and autograd through it.
+gradients in one pass over y0 without writing its gradient (the features take none). The
+forward stays PyTorch's: its convolution, ReLU and mask already run near the memory floor of
+writing y0 (a fused forward kernel was measured slower, bench/RESULTS.md).
+``streamssl.nn.subsampling`` calls it from its autograd function when it trains; the reference
+(``reference.subsampling_stem_backward``) is autograd through the composition.
 
-Op schemas (csrc/ops.cpp)::
-
-    subsampling_stem_forward(Tensor feats, Tensor w0, Tensor b0, Tensor lengths0, int time_padding)
-        -> Tensor y0
+Op schema (csrc/ops.cpp)::
 
     subsampling_stem_backward(Tensor grad_y1, Tensor y0, Tensor feats, Tensor w1, int time_padding)
         -> (Tensor grad_w0, Tensor grad_b0, Tensor grad_w1)
@@ -31,45 +28,6 @@ _DTYPES = (torch.float32, torch.float64)
 
 def _out_size(n: int, pad: int) -> int:
     return 0 if n + 2 * pad < 3 else (n + 2 * pad - 3) // 2 + 1
-
-
-def _check_forward_args(feats, w0, b0, lengths0, time_padding) -> None:
-    """ValueError/TypeError naming the argument; shared by the function and the fake kernel."""
-    if time_padding not in (0, 1):
-        raise ValueError(f"time_padding must be 0 or 1, got {time_padding!r}")
-    check_tensor(feats, "feats", dim=3, dtypes=_DTYPES)
-    check_tensor(w0, "w0", dim=3, dtypes=(feats.dtype,), device=feats.device)
-    if w0.shape[0] < 1 or tuple(w0.shape[1:]) != (3, 3):
-        raise ValueError(f"w0 must have shape (C, 3, 3) with C >= 1, got {tuple(w0.shape)}")
-    C, B = w0.shape[0], feats.shape[0]
-    check_tensor(b0, "b0", dim=1, dtypes=(feats.dtype,), device=feats.device)
-    if b0.shape[0] != C:
-        raise ValueError(f"b0 must have shape (C,) = ({C},), got {tuple(b0.shape)}")
-    check_tensor(lengths0, "lengths0", dim=1, dtypes=(torch.int64,), device=feats.device)
-    if lengths0.shape[0] != B:
-        raise ValueError(f"lengths0 must have shape (B,) = ({B},), got {tuple(lengths0.shape)}")
-
-
-def subsampling_stem_forward(
-    feats: torch.Tensor, w0: torch.Tensor, b0: torch.Tensor, lengths0: torch.Tensor, time_padding: int = 1
-) -> torch.Tensor:
-    """Stage 0 of the stem in one pass: ``relu(conv3x3_s2(feats, w0) + b0)``, zero from ``lengths0``.
-
-    Args:
-        feats: (B, T, F) float32 or float64, padding already zeroed; any strides.
-        w0: (C, 3, 3) and b0: (C,) in feats' dtype. lengths0: (B,) int64 valid stage-0 frames.
-        time_padding: zero frames on both sides of time (1 in the full pass).
-    Returns:
-        y0 (B, T0, F0, C) in feats' dtype, channels last (``y0.permute(0, 3, 1, 2)`` is the NCHW map
-        in channels_last memory format); each value is b0 + w[0] x[0] + ... + w[8] x[8] in tap
-        order, so it can differ from PyTorch's convolution in the last bits.
-    """
-    from . import uses_extension
-
-    if not uses_extension(feats):
-        _check_forward_args(feats, w0, b0, lengths0, time_padding)
-        return reference.subsampling_stem_forward(feats, w0, b0, lengths0, time_padding)
-    return torch.ops.streamssl.subsampling_stem_forward(feats, w0, b0, lengths0, int(time_padding))
 
 
 def _check_args(grad_y1, y0, feats, w1, time_padding) -> None:
@@ -120,13 +78,7 @@ def subsampling_stem_backward(
 
 
 def register_library_parts() -> None:
-    """The fake kernels of streamssl::subsampling_stem_forward / _backward (library loaded)."""
-
-    @torch.library.register_fake("streamssl::subsampling_stem_forward")
-    def _fake_forward(feats, w0, b0, lengths0, time_padding):
-        _check_forward_args(feats, w0, b0, lengths0, time_padding)
-        B, T, Fq = feats.shape
-        return feats.new_empty((B, _out_size(T, time_padding), _out_size(Fq, 1), w0.shape[0]))
+    """The fake kernel of streamssl::subsampling_stem_backward (library loaded)."""
 
     @torch.library.register_fake("streamssl::subsampling_stem_backward")
     def _fake(grad_y1, y0, feats, w1, time_padding):

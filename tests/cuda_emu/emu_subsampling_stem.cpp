@@ -1,6 +1,6 @@
-// Emulator bindings of the subsampling stem's CUDA kernels
+// Emulator bindings of the subsampling stem's fused-backward CUDA kernels
 // (tests/test_cuda_emu_subsampling_stem.py calls them through ctypes). They run the launch
-// sequences of csrc/cuda/subsampling_stem.cuh -- the ones subsampling_stem.cu runs with <<<>>> --
+// sequence of csrc/cuda/subsampling_stem.cuh -- the one subsampling_stem.cu runs with <<<>>> --
 // with a policy that launches on the emulator.
 #include "cuda_emu.h"  // first: defines STREAMSSL_CUDA_EMU and the CUDA built-ins
 #include "cuda/subsampling_stem.cuh"
@@ -40,14 +40,4 @@ CUDA_EMU_BINDING(emu_stem_backward, const void* grad_y1, const void* y0, const v
     return k::run_backward<double>(p, grad_y1, y0, feats, w1, grad_w0, grad_b0, grad_w1, workspace, launch);
   }
   return k::run_backward<float>(p, grad_y1, y0, feats, w1, grad_w0, grad_b0, grad_w1, workspace, launch);
-}
-
-CUDA_EMU_BINDING(emu_stem_forward, const void* feats, const void* w0, const void* b0, const void* lengths0,
-                 int64_t B, int64_t T, int64_t F, int64_t C, int64_t pad, int64_t float64, void* y0) {
-  StemProblem p;
-  if (int rc = make_problem(B, T, F, C, pad, float64, &p)) return rc;
-  const EmuLaunch launch;
-  const auto* len = static_cast<const int64_t*>(lengths0);
-  if (p.float64) return k::run_forward<double>(p, feats, w0, b0, len, y0, launch);
-  return k::run_forward<float>(p, feats, w0, b0, len, y0, launch);
 }
