@@ -9,7 +9,8 @@
 // zeroes the stage-0 frames at or past each utterance's stage-0 length.
 //
 // The forward is PyTorch's (its convolution, ReLU and mask already run at the memory floor of
-// writing y0). Backward: given grad_y1, only the parameter gradients are needed (the features take none):
+// writing y0). Backward: given grad_y1, only the parameter gradients are needed (the features
+// take none):
 //   g0[b,i,j,c]      = (y0 > 0) * sum over taps (kt,kf) feeding y1[b,o,p]: w1[c,kt,kf] grad_y1[b,o,p,c]
 //   grad_w1[c,kt,kf] = sum_{b,o,p} y0[b, 2o+kt-pad, 2p+kf-1, c] grad_y1[b,o,p,c]
 //   grad_w0[c,kt,kf] = sum_{b,i,j} g0[b,i,j,c] feats[b, 2i+kt-pad, 2j+kf-1]

@@ -11,6 +11,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <memory>
 #include <vector>
 
 #include "common/subsampling_stem_math.h"
@@ -100,12 +101,13 @@ void run(const at::Tensor& grad_y1, const at::Tensor& y0, const at::Tensor& feat
   const at::Tensor w1t = w1.reshape({C, m::kTaps}).t().contiguous();
   const StemArgs<S> a{grad_y1.data_ptr<S>(), y0.data_ptr<S>(), feats.data_ptr<S>(), w1t.data_ptr<S>(), s};
   const int64_t tiles = (s.B * s.T0 + kTileRows - 1) / kTileRows;
-  std::vector<S> parts(static_cast<size_t>(std::max<int64_t>(tiles, 1) * m::kPartials * C), S(0));
+  // Not zeroed here: every tile clears its own partials before adding to them.
+  const std::unique_ptr<S[]> parts(new S[static_cast<size_t>(std::max<int64_t>(tiles, 1) * m::kPartials * C)]);
   at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
 #if STREAMSSL_CPU_AVX2
-    if (cpu_has_avx2()) return tiles_avx2(a, t0, t1, parts.data());
+    if (cpu_has_avx2()) return tiles_avx2(a, t0, t1, parts.get());
 #endif
-    tiles_baseline(a, t0, t1, parts.data());
+    tiles_baseline(a, t0, t1, parts.get());
   });
   // Tile order, whatever the threads did: each (k, c) adds its tiles' partials one after another
   // (rows of C contiguous values, so the adds vectorise over channels).
@@ -114,7 +116,7 @@ void run(const at::Tensor& grad_y1, const at::Tensor& y0, const at::Tensor& feat
     for (int64_t k = k0; k < k1; ++k) {
       S* __restrict__ sum = sums.data() + k * C;
       for (int64_t t = 0; t < tiles; ++t) {
-        const S* __restrict__ part = parts.data() + (t * m::kPartials + k) * C;
+        const S* __restrict__ part = parts.get() + (t * m::kPartials + k) * C;
         for (int64_t c = 0; c < C; ++c) sum[c] += part[c];
       }
     }

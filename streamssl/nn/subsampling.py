@@ -43,7 +43,7 @@ def _zero_padding(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     channels_last tensor cost about 3x more than the whole fill (bench/RESULTS.md, the NEST-step
     profile).
     """
-    return torch.where(_valid(x, lengths), x, 0.0)
+    return torch.where(_valid(x.shape[2], lengths), x, 0.0)
 
 
 class _ReluKeep(torch.autograd.Function):
@@ -100,9 +100,9 @@ class _Stem(torch.autograd.Function):
         return None, gw0, gb0, None, gw1, grad_y1.sum((0, 2, 3)), None
 
 
-def _valid(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """(B, 1, T, 1) bool: frame t of row b is before ``lengths[b]``."""
-    return (torch.arange(x.shape[2], device=x.device) < lengths.unsqueeze(1))[:, None, :, None]
+def _valid(frames: int, lengths: torch.Tensor) -> torch.Tensor:
+    """(B, 1, frames, 1) bool on lengths' device: frame t of row b is before ``lengths[b]``."""
+    return (torch.arange(frames, device=lengths.device) < lengths.unsqueeze(1))[:, None, :, None]
 
 
 class CausalStridingSubsampling(nn.Module):
@@ -158,12 +158,16 @@ class CausalStridingSubsampling(nn.Module):
         x = x.contiguous(memory_format=torch.channels_last)
         c = self.convs[s]
         x = F.conv2d(x, c.weight, c.bias, c.stride, (time_padding, 1), c.dilation, c.groups)
-        # In place: the ReLU's backward reads its output, and nothing else holds the conv output.
-        # With keep_lengths, the output's frames from keep_lengths on are zeroed as well.
+        return self._pointwise_relu(s, x, keep_lengths)
+
+    def _pointwise_relu(self, s: int, x: torch.Tensor, keep_lengths: torch.Tensor | None) -> torch.Tensor:
+        """Stage s after its strided conv: pointwise conv (stages >= 1), then the ReLU, in place (its
+        backward reads its output, and nothing else holds the conv output). With keep_lengths, the
+        output's frames from keep_lengths on are zeroed as well."""
         x = self.pointwise[s](x)
         if keep_lengths is None:
             return F.relu(x, inplace=True)
-        return _ReluKeep.apply(x, _valid(x, keep_lengths).to(x.dtype))
+        return _ReluKeep.apply(x, _valid(x.shape[2], keep_lengths).to(x.dtype))
 
     def _project(self, x: torch.Tensor) -> torch.Tensor:
         B, C, T, Fq = x.shape
@@ -207,16 +211,12 @@ class CausalStridingSubsampling(nn.Module):
     def _stem(self, x: torch.Tensor, lengths: torch.Tensor, last: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Stages 0 and 1 of the full pass through ``_Stem`` (the outputs of two ``_stage`` calls)."""
         lengths0 = _ceil_div(lengths, 2)
-        T0 = _ceil_div(x.shape[2], 2)
-        keep0 = (torch.arange(T0, device=x.device) < lengths0.unsqueeze(1))[:, None, :, None].to(x.dtype)
+        keep0 = _valid(_ceil_div(x.shape[2], 2), lengths0).to(x.dtype)
         c0, c1 = self.convs[0], self.convs[1]
         x = _Stem.apply(x.contiguous(memory_format=torch.channels_last), c0.weight, c0.bias, keep0,
                         c1.weight, c1.bias, _CACHE)
         lengths = _ceil_div(lengths0, 2)
-        x = self.pointwise[1](x)
-        if last == 1:
-            return F.relu(x, inplace=True), lengths
-        return _ReluKeep.apply(x, _valid(x, lengths).to(x.dtype)), lengths
+        return self._pointwise_relu(1, x, None if last == 1 else lengths), lengths
 
     def init_cache(self, batch_size: int, device=None, dtype=None) -> list[torch.Tensor]:
         """Zeros for each stage's last input frame: [(B, 1, 1, F), (B, C, 1, ceil(F/2)), ...]."""
