@@ -344,7 +344,8 @@ cuda::DwconvLnProblem dwconv_ln_problem(const char* op, const at::Tensor& x,
   return p;
 }
 
-at::Tensor dwconv_ln_workspace(const at::Tensor& x, size_t bytes) {
+// Device scratch of `bytes` (at least 16), from the caching allocator.
+at::Tensor cuda_workspace(const at::Tensor& x, size_t bytes) {
   return at::empty({static_cast<int64_t>(std::max<size_t>(bytes, 16))},
                    x.options().dtype(at::kByte));
 }
@@ -366,7 +367,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> causal_dwconv_ln_cuda
   const std::optional<at::Tensor> bias = contiguous_opt(bias_in), cache = contiguous_opt(cache_in);
   const cuda::DwconvLnProblem p = dwconv_ln_problem(op, x, weight, bias, ln_weight, ln_bias);
   auto [y, new_cache, mean, rstd] = dwconv_ln_forward_outputs(x, p.K);
-  at::Tensor ws = dwconv_ln_workspace(x, cuda::dwconv_ln_forward_workspace_bytes(p));
+  at::Tensor ws = cuda_workspace(x, cuda::dwconv_ln_forward_workspace_bytes(p));
   const char* err = cuda::launch_causal_dwconv_ln_forward(
       p, x.data_ptr(), weight.data_ptr(), opt_ptr(bias), ln_weight.data_ptr(), ln_bias.data_ptr(),
       opt_ptr(cache), eps, swish, y.data_ptr(), new_cache.data_ptr(), mean.data_ptr(),
@@ -393,7 +394,7 @@ causal_dwconv_ln_backward_cuda(const at::Tensor& grad_y_in, const at::Tensor& x_
   const std::optional<at::Tensor> bias = contiguous_opt(bias_in), cache = contiguous_opt(cache_in);
   const cuda::DwconvLnProblem p = dwconv_ln_problem(op, x, weight, bias, ln_weight, ln_bias);
   auto [gx, gw, gb, gg, gbeta] = dwconv_ln_backward_outputs(x, weight, bias, ln_weight, ln_bias);
-  at::Tensor ws = dwconv_ln_workspace(x, cuda::dwconv_ln_backward_workspace_bytes(p));
+  at::Tensor ws = cuda_workspace(x, cuda::dwconv_ln_backward_workspace_bytes(p));
   const char* err = cuda::launch_causal_dwconv_ln_backward(
       p, grad_y.data_ptr(), x.data_ptr(), weight.data_ptr(), opt_ptr(bias), ln_weight.data_ptr(),
       ln_bias.data_ptr(), opt_ptr(cache), mean.data_ptr(), rstd.data_ptr(), swish, gx.data_ptr(),
@@ -467,8 +468,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> subsampling_stem_backward_cuda(
   auto [gw0, gb0, gw1] = stem_outputs(a);
   const cuda::StemProblem p{a.shape.B, a.shape.T, a.shape.F, a.shape.C, time_padding,
                             a.feats.scalar_type() == at::kDouble};
-  at::Tensor ws = at::empty({static_cast<int64_t>(std::max<size_t>(cuda::subsampling_stem_workspace_bytes(p), 16))},
-                            a.feats.options().dtype(at::kByte));
+  at::Tensor ws = cuda_workspace(a.feats, cuda::subsampling_stem_workspace_bytes(p));
   const char* err = cuda::launch_subsampling_stem_backward(
       p, a.grad_y1.data_ptr(), a.y0.data_ptr(), a.feats.data_ptr(), a.w1.data_ptr(), gw0.data_ptr(),
       gb0.data_ptr(), gw1.data_ptr(), ws.data_ptr(), current_cuda_stream(feats.device()));
