@@ -199,8 +199,8 @@ except RuntimeError as e:
     # One write per rank: the two processes share the pipe, and print() writes piece by piece.
     sys.stdout.write(f"DETECTED rank={{dist.get_rank()}} {{'replicas differ' in str(e)}}\\n")
     sys.stdout.flush()
-# Free the DDP wrapper (and its reducer) before the process group it uses, as run() does; tearing
-# the group down under a live reducer aborted at exit once in CI ("terminate called without an
+# Free the DDP wrapper (and its reducer) before the process group it uses, as train.loop.run()
+# does; tearing the group down under a live reducer aborted at exit ("terminate called without an
 # active exception").
 del t
 import gc; gc.collect()

@@ -31,6 +31,7 @@ A task provides:
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import sys
@@ -485,8 +486,19 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike, make_task) -> dict:
     Tears down the process group it created. Returns the last logged metrics.
     """
     runtime = Runtime(cfg, out_dir)
+    trainer, finished = None, False
     try:
-        return Trainer(cfg, runtime, make_task(cfg, runtime)).fit()
+        trainer = Trainer(cfg, runtime, make_task(cfg, runtime))
+        metrics = trainer.fit()
+        finished = True
+        return metrics
     finally:
         if dist.is_initialized():
+            # Free the DDP wrapper (its reducer holds gloo work) before the group it uses: tearing
+            # the group down under a live reducer can abort the process at exit ("terminate called
+            # without an active exception"). The module's hooks form reference cycles, hence gc.
+            del trainer
+            gc.collect()
+            if finished:  # after a failure the other ranks may never arrive
+                dist.barrier()
             dist.destroy_process_group()
