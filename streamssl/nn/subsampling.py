@@ -81,7 +81,7 @@ class _Stem(torch.autograd.Function):
     def forward(ctx, feats, w0, b0, keep, w1, b1, time_padding: int):
         y0 = F.conv2d(feats, w0, b0, _STRIDE, (time_padding, 1))
         y0 = y0.clamp_min_(0).mul_(keep)
-        ctx.save_for_backward(feats, y0, w1)
+        ctx.save_for_backward(feats, y0, w0, w1)
         ctx.time_padding = time_padding
         return F.conv2d(y0, w1, b1, _STRIDE, (time_padding, 1), 1, w1.shape[0])
 
@@ -89,14 +89,15 @@ class _Stem(torch.autograd.Function):
     def backward(ctx, grad_y1):
         from streamssl.ops import subsampling_stem_backward
 
-        feats, y0, w1 = ctx.saved_tensors
+        feats, y0, w0, w1 = ctx.saved_tensors
         C = w1.shape[0]
         gw0, gb0, gw1 = subsampling_stem_backward(
             grad_y1.permute(0, 2, 3, 1), y0.permute(0, 2, 3, 1), feats[:, 0], w1.reshape(C, 3, 3), ctx.time_padding
         )
-        # Gradients in the parameters' layout (channels_last, which for (C, 1, 3, 3) is contiguous).
-        gw0 = gw0.reshape(C, 1, 3, 3).contiguous(memory_format=torch.channels_last)
-        gw1 = gw1.reshape(C, 1, 3, 3).contiguous(memory_format=torch.channels_last)
+        # Gradients with their parameters' exact strides, as DDP's gradient buckets expect (for
+        # (C, 1, 3, 3) the channels_last strides differ from the contiguous ones only in name).
+        gw0 = torch.empty_like(w0).copy_(gw0.view(w0.shape))
+        gw1 = torch.empty_like(w1).copy_(gw1.view(w1.shape))
         return None, gw0, gb0, None, gw1, grad_y1.sum((0, 2, 3)), None
 
 
