@@ -13,8 +13,10 @@
 #include <utility>
 
 #include "common/block_mask_rule.h"
+#include "common/dropout_rule.h"
 #include "common/subsampling_stem_math.h"
 #include "cpu/block_mask.h"
+#include "cpu/dropout.h"
 #include "cpu/dwconv_ln.h"
 #include "cpu/subsampling_stem.h"
 
@@ -23,6 +25,7 @@
 #include <c10/core/impl/DeviceGuardImplInterface.h>
 
 #include "cuda/block_mask_launch.h"
+#include "cuda/dropout_launch.h"
 #include "cuda/dwconv_ln_launch.h"
 #include "cuda/subsampling_stem_launch.h"
 #endif
@@ -477,6 +480,50 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> subsampling_stem_backward_cuda(
 }
 #endif
 
+// ---------------------------------------------------------------------------------------------
+// philox_dropout
+// ---------------------------------------------------------------------------------------------
+
+// ValueError naming the argument, like streamssl/ops/dropout.py's checks; returns x contiguous.
+at::Tensor check_dropout_args(const at::Tensor& x, double p) {
+  TORCH_CHECK_VALUE(is_supported_float(x.scalar_type()),
+                    "philox_dropout: x must be float32, float16, bfloat16 or float64, got ", x.scalar_type());
+  TORCH_CHECK_VALUE(p >= 0.0 && p < 1.0, "philox_dropout: p must be in [0, 1), got ", p);
+  return x.contiguous();
+}
+
+at::Tensor dropout_cpu(const at::Tensor& x_in, double p, int64_t seed) {
+  const at::Tensor x = check_dropout_args(x_in, p);
+  at::Tensor y = at::empty_like(x, at::MemoryFormat::Contiguous);
+  cpu::dropout(x, make_dropout_rule(p, seed), y);
+  return y;
+}
+
+#ifdef STREAMSSL_WITH_CUDA
+cuda::DropoutDtype dropout_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kHalf:
+      return cuda::DropoutDtype::kFloat16;
+    case at::kBFloat16:
+      return cuda::DropoutDtype::kBFloat16;
+    case at::kDouble:
+      return cuda::DropoutDtype::kFloat64;
+    default:
+      return cuda::DropoutDtype::kFloat32;
+  }
+}
+
+at::Tensor dropout_cuda(const at::Tensor& x_in, double p, int64_t seed) {
+  const at::Tensor x = check_dropout_args(x_in, p);
+  const c10::DeviceGuard guard(x.device());
+  at::Tensor y = at::empty_like(x, at::MemoryFormat::Contiguous);
+  const char* err = cuda::launch_dropout(x.data_ptr(), y.data_ptr(), x.numel(), dropout_dtype(x.scalar_type()),
+                                         make_dropout_rule(p, seed), current_cuda_stream(x.device()));
+  TORCH_CHECK(err == nullptr, "philox_dropout: CUDA kernel launch failed: ", err);
+  return y;
+}
+#endif
+
 }  // namespace
 }  // namespace streamssl
 
@@ -498,6 +545,7 @@ TORCH_LIBRARY(streamssl, m) {
   m.def(
       "subsampling_stem_backward(Tensor grad_y1, Tensor y0, Tensor feats, Tensor w1, "
       "int time_padding) -> (Tensor grad_w0, Tensor grad_b0, Tensor grad_w1)");
+  m.def("philox_dropout(Tensor x, float p, int seed) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(streamssl, CPU, m) {
@@ -505,6 +553,7 @@ TORCH_LIBRARY_IMPL(streamssl, CPU, m) {
   m.impl("causal_dwconv_ln", &streamssl::causal_dwconv_ln_cpu);
   m.impl("causal_dwconv_ln_backward", &streamssl::causal_dwconv_ln_backward_cpu);
   m.impl("subsampling_stem_backward", &streamssl::subsampling_stem_backward_cpu);
+  m.impl("philox_dropout", &streamssl::dropout_cpu);
 }
 
 #ifdef STREAMSSL_WITH_CUDA
@@ -514,5 +563,6 @@ TORCH_LIBRARY_IMPL(streamssl, CUDA, m) {
   m.impl("causal_dwconv_ln", &streamssl::causal_dwconv_ln_cuda);
   m.impl("causal_dwconv_ln_backward", &streamssl::causal_dwconv_ln_backward_cuda);
   m.impl("subsampling_stem_backward", &streamssl::subsampling_stem_backward_cuda);
+  m.impl("philox_dropout", &streamssl::dropout_cuda);
 }
 #endif

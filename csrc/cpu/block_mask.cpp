@@ -8,10 +8,8 @@
 #include <fstream>
 #include <string>
 
-#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
-#define STREAMSSL_X86_AVX2_DISPATCH 1
-#include <immintrin.h>
-#endif
+#include "cpu/philox_avx2.h"
+
 #if defined(__x86_64__) || defined(_M_X64)
 #define STREAMSSL_X86_SSE2_STREAM 1  // SSE2 is part of x86-64: no dispatch needed
 #include <emmintrin.h>
@@ -30,26 +28,12 @@ uint64_t candidate_bits_scalar(const BlockMaskRule& rule, int64_t b, int64_t s0,
   return bits;
 }
 
-#ifdef STREAMSSL_X86_AVX2_DISPATCH
-// Philox4x32-10 on 8 counters per register, two registers in flight so the multiply latency of
-// one hides behind the other. Word for word philox4x32_10 of csrc/common (AVX2 has no 32x32->64
-// multiply on all 8 lanes, so even and odd lanes are multiplied separately and blended); the
-// tests compare every frame with the reference, and the scalar tail runs the common code.
-__attribute__((target("avx2"))) inline void mulhilo_avx2(__m256i a, __m256i m, __m256i& hi,
-                                                         __m256i& lo) {
-  const __m256i even = _mm256_mul_epu32(a, m);                       // lanes 0, 2, 4, 6
-  const __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(a, 32), m);  // lanes 1, 3, 5, 7
-  hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
-  lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
-}
-
+#if STREAMSSL_CPU_AVX2
 // Bits of lanes [0, n - n % 8): 16 frames per step, then one group of 8 if left.
-__attribute__((target("avx2"))) uint64_t candidate_bits_avx2(const BlockMaskRule& rule, int64_t b,
-                                                             int64_t s0, int n) {
+STREAMSSL_CPU_TARGET_AVX2 uint64_t candidate_bits_avx2(const BlockMaskRule& rule, int64_t b,
+                                                      int64_t s0, int n) {
   // Integer form of u < mask_prob (BlockMaskRule::start_threshold); start_threshold <= 2^24 and
   // (x >> 8) < 2^24, so a signed compare is exact.
-  const __m256i mul0 = _mm256_set1_epi32(static_cast<int>(0xD2511F53u));
-  const __m256i mul1 = _mm256_set1_epi32(static_cast<int>(0xCD9E8D57u));
   const __m256i thr = _mm256_set1_epi32(static_cast<int>(rule.start_threshold()));
   const __m256i ctr0 = _mm256_set1_epi32(static_cast<int>(rule.ctr0));
   const __m256i ctr1 = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(b)));
@@ -69,22 +53,7 @@ __attribute__((target("avx2"))) uint64_t candidate_bits_avx2(const BlockMaskRule
       c2[v] = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(base)), lane_step);
       c3[v] = _mm256_setzero_si256();
     }
-    uint32_t k0 = rule.key0, k1 = rule.key1;
-    for (int round = 0; round < 10; ++round) {
-      const __m256i key0 = _mm256_set1_epi32(static_cast<int>(k0));
-      const __m256i key1 = _mm256_set1_epi32(static_cast<int>(k1));
-      for (int v = 0; v < 2; ++v) {
-        __m256i hi0, lo0, hi1, lo1;
-        mulhilo_avx2(c0[v], mul0, hi0, lo0);
-        mulhilo_avx2(c2[v], mul1, hi1, lo1);
-        c0[v] = _mm256_xor_si256(_mm256_xor_si256(hi1, c1[v]), key0);
-        c2[v] = _mm256_xor_si256(_mm256_xor_si256(hi0, c3[v]), key1);
-        c1[v] = lo1;
-        c3[v] = lo0;
-      }
-      k0 += 0x9E3779B9u;
-      k1 += 0xBB67AE85u;
-    }
+    philox4x32_10_avx2<2>(c0, c1, c2, c3, rule.key0, rule.key1);
     for (int v = 0; v < groups; ++v) {
       const __m256i drawn = _mm256_cmpgt_epi32(thr, _mm256_srli_epi32(c0[v], 8));
       const uint64_t lanes = static_cast<uint32_t>(_mm256_movemask_ps(_mm256_castsi256_ps(drawn)));
@@ -93,11 +62,6 @@ __attribute__((target("avx2"))) uint64_t candidate_bits_avx2(const BlockMaskRule
   }
   return bits;
 }
-
-bool cpu_has_avx2() {
-  static const bool has = __builtin_cpu_supports("avx2");
-  return has;
-}
 #endif
 
 // Candidate bits of 64 consecutive aligned frames s = s0 + i * rule.align (bit i set iff frame s
@@ -105,7 +69,7 @@ bool cpu_has_avx2() {
 // Philox with the integer threshold where the CPU has it, BlockMaskRule::draws_start (scalar
 // Philox, float64 comparison) otherwise and for the n % 8 tail, so tests exercise both forms.
 uint64_t candidate_bits(const BlockMaskRule& rule, int64_t b, int64_t s0, int n) {
-#ifdef STREAMSSL_X86_AVX2_DISPATCH
+#if STREAMSSL_CPU_AVX2
   if (cpu_has_avx2()) {
     return candidate_bits_avx2(rule, b, s0, n) | candidate_bits_scalar(rule, b, s0, n - n % 8, n);
   }

@@ -29,6 +29,7 @@
 #include <algorithm>
 
 #include "common/dwconv_ln_math.h"
+#include "cuda/acc_types.cuh"
 #include "cuda/dwconv_ln_launch.h"
 #include "cuda/launch_config.h"
 
@@ -161,30 +162,6 @@ inline Workspace workspace_layout(int64_t B, int64_t T, int64_t C, int K, int x_
 // ---------------------------------------------------------------------------------------------
 // Element access
 // ---------------------------------------------------------------------------------------------
-
-STREAMSSL_DEVICE float to_acc(float v) { return v; }
-STREAMSSL_DEVICE double to_acc(double v) { return v; }
-STREAMSSL_DEVICE float to_acc(__half v) { return __half2float(v); }
-STREAMSSL_DEVICE float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename S>
-STREAMSSL_DEVICE S from_acc(float v);
-template <>
-STREAMSSL_DEVICE float from_acc<float>(float v) {
-  return v;
-}
-template <>
-STREAMSSL_DEVICE __half from_acc<__half>(float v) {
-  return __float2half_rn(v);
-}
-template <>
-STREAMSSL_DEVICE __nv_bfloat16 from_acc<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
-template <typename S>
-STREAMSSL_DEVICE S from_acc(double v) {
-  return v;
-}
 
 // Parameter in any of the four dtypes, read in the accumulation type.
 template <typename A>

@@ -25,6 +25,8 @@ import math
 import torch
 import torch.nn as nn
 
+from .dropout import Dropout
+
 STYLES = ("regular", "chunked_limited")
 
 
@@ -128,7 +130,7 @@ class RelPositionMultiHeadAttention(nn.Module):
         self.pos_bias_v = nn.Parameter(torch.empty(n_heads, self.d_head))
         nn.init.xavier_uniform_(self.pos_bias_u)
         nn.init.xavier_uniform_(self.pos_bias_v)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape

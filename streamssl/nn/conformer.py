@@ -13,6 +13,7 @@ import torch.nn as nn
 
 from .attention import RelPositionMultiHeadAttention
 from .conv_module import CausalConvModule
+from .dropout import Dropout
 
 
 class FeedForward(nn.Module):
@@ -23,7 +24,7 @@ class FeedForward(nn.Module):
         self.norm = nn.LayerNorm(d_model)
         self.linear1 = nn.Linear(d_model, expansion * d_model)
         self.activation = nn.SiLU()
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.linear2 = nn.Linear(expansion * d_model, d_model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -57,7 +58,7 @@ class ConformerBlock(nn.Module):
         self.conv = CausalConvModule(d_model, conv_kernel_size, impl=conv_impl)
         self.ff2 = FeedForward(d_model, ff_expansion, dropout)
         self.norm_out = nn.LayerNorm(d_model)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(
         self, x: torch.Tensor, lengths: torch.Tensor, allowed: torch.Tensor, pos_emb: torch.Tensor

@@ -13,10 +13,13 @@ import warnings
 
 from . import _build, reference
 from .block_mask import causal_block_mask
+from .dropout import philox_dropout
 from .dwconv_ln import causal_dwconv_ln
 from .subsampling_stem import subsampling_stem_backward
 
-__all__ = ["backend", "causal_block_mask", "causal_dwconv_ln", "reference", "subsampling_stem_backward"]
+__all__ = [
+    "backend", "causal_block_mask", "causal_dwconv_ln", "philox_dropout", "reference", "subsampling_stem_backward",
+]
 
 _lock = threading.Lock()
 _registered = False
@@ -38,9 +41,10 @@ def backend() -> str:
                 warnings.warn(f"streamssl: {what}: {reason}", RuntimeWarning, stacklevel=2)
             if name != "reference":
                 # Fake kernels and autograd formulas attach to ops the library defines.
-                from . import block_mask, dwconv_ln, subsampling_stem
+                from . import block_mask, dropout, dwconv_ln, subsampling_stem
 
                 block_mask.register_library_parts()
+                dropout.register_library_parts()
                 dwconv_ln.register_library_parts()
                 subsampling_stem.register_library_parts()
             _registered = True

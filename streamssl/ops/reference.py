@@ -183,3 +183,42 @@ def subsampling_stem_backward(
         out0 = _stride2_conv(feats.unsqueeze(1), w0, time_padding, 1) + b0[:, None, None]
         grad_w0, grad_b0 = torch.autograd.grad(out0, (w0, b0), g0)
     return grad_w0.reshape(C, 3, 3), grad_b0, grad_w1.reshape(C, 3, 3)
+
+
+def dropout_words(numel: int, seed: int, device=None) -> torch.Tensor:
+    """The Philox word of each element of the dropout rule: int64 (numel,) in [0, 2**32).
+
+    Element n = 32 g + 8 j + l takes word j of Philox block 8 g + l (counter (block mod 2**32,
+    block div 2**32, 0, 0), key (seed mod 2**32, seed div 2**32)).
+    """
+    seed %= 2**64
+    groups = -(-numel // 32)
+    block = torch.arange(groups * 8, dtype=torch.int64, device=device)
+    words = philox4x32_10((block & _M32, block >> 32, 0, 0), (seed & _M32, seed >> 32))
+    # (4 words, G groups, 8 lanes) -> element order (G, 4, 8).
+    return torch.stack(words).view(4, groups, 8).permute(1, 0, 2).reshape(-1)[:numel]
+
+
+def dropout_factors(numel: int, p: float, seed: int, dtype: torch.dtype, device=None) -> torch.Tensor:
+    """The per-element factor of the dropout rule in ``dtype``: 1 / (1 - p) where kept, else 0.
+
+    Kept iff word * 2**-32 >= p, i.e. word >= ceil(p * 2**32) (exact: a power-of-two scaling);
+    for p > 1 - 2**-32 no word qualifies and every factor is 0.
+    """
+    threshold = math.ceil(p * 2.0**32)
+    scale = 1.0 / (1.0 - p) if threshold < 2**32 else 0.0
+    keep = dropout_words(numel, seed, device) >= threshold
+    # The scale is rounded once to dtype, as the kernels' static_cast does.
+    return torch.where(keep, torch.tensor(scale, dtype=dtype, device=device), torch.tensor(0.0, dtype=dtype, device=device))
+
+
+def dropout(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """Counter-based dropout (docs/ARCHITECTURE.md, "Dropout"): x times its element's factor.
+
+    The product runs in float32 for float16/bfloat16/float32 and in float64 for float64, and a
+    dropped element is multiplied by 0 (NaN stays NaN). Differentiable: the gradient is the same
+    rule applied to the incoming gradient.
+    """
+    acc = accumulation_dtype(x.dtype)
+    factors = dropout_factors(x.numel(), p, seed, acc, x.device).view(x.shape)
+    return (x.to(acc) * factors).to(x.dtype)
