@@ -17,12 +17,12 @@ streaming step >= 5x.
 
 from __future__ import annotations
 
-import json
 import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
+from ratio_tables import markdown
 
 import streamssl.ops as ops
 
@@ -130,29 +130,5 @@ def test_streaming_step(benchmark, name, B, C, num_threads):
     benchmark(run)
 
 
-def markdown(path: str) -> str:
-    """Tables (one per group) with medians, ratios to the clone floor and composition / fused."""
-    data = json.load(open(path))
-    groups: dict[str, dict[str, dict]] = {}
-    for bench in data["benchmarks"]:
-        groups.setdefault(bench["group"], {})[bench["name"].split("[")[1].split("-")[0]] = bench["stats"]
-    lines = []
-    for group, rows in groups.items():
-        lines += [f"### {group}", "", "| implementation | min (ms) | median (ms) | median / clone | composition / this | rounds |",
-                  "|---|---:|---:|---:|---:|---:|"]
-        comp = rows.get("composition", {}).get("median")
-        floor = rows.get("clone", {}).get("median")
-        for name in ("fused", "composition", "clone"):
-            if name not in rows:
-                continue
-            s = rows[name]
-            ratio_floor = f"{s['median'] / floor:.2f}" if floor else "-"
-            ratio_comp = f"{comp / s['median']:.2f}" if comp else "-"
-            lines.append(f"| {name} | {s['min'] * 1e3:.3f} | {s['median'] * 1e3:.3f} | {ratio_floor} | "
-                         f"{ratio_comp} | {s['rounds']} |")
-        lines.append("")
-    return "\n".join(lines)
-
-
 if __name__ == "__main__":
-    print(markdown(sys.argv[1]))
+    print(markdown(sys.argv[1], reference="composition", floor="clone"))

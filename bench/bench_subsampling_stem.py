@@ -19,12 +19,12 @@ Compared, float32, B = 8 x 4 s (400 frames x 80 bins, 256 channels: the y0 map i
 
 from __future__ import annotations
 
-import json
 import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
+from ratio_tables import markdown
 
 import streamssl.ops as ops
 from streamssl.nn import subsampling as sub
@@ -88,24 +88,5 @@ def test_subsampling_forward_backward(benchmark, name, num_threads, monkeypatch)
     benchmark(run)
 
 
-def markdown(path: str) -> str:
-    """One table per group: medians, ratio to the clone floor and composition / this."""
-    data = json.load(open(path))
-    groups: dict[str, dict[str, dict]] = {}
-    for bench in data["benchmarks"]:
-        groups.setdefault(bench["group"], {})[bench["extra_info"]["impl"]] = bench["stats"]
-    lines = []
-    for group, rows in groups.items():
-        lines += [f"#### {group}", "", "| implementation | min (ms) | median (ms) | median / clone | composition / this |",
-                  "|---|---:|---:|---:|---:|"]
-        comp, floor = rows.get("composition"), rows.get("clone")
-        for name, st in rows.items():
-            vs_floor = f"{st['median'] / floor['median']:.2f}" if floor else ""
-            speedup = f"{comp['median'] / st['median']:.2f}" if comp else ""
-            lines.append(f"| {name} | {1e3 * st['min']:.1f} | {1e3 * st['median']:.1f} | {vs_floor} | {speedup} |")
-        lines.append("")
-    return "\n".join(lines)
-
-
 if __name__ == "__main__":
-    print(markdown(sys.argv[1]))
+    print(markdown(sys.argv[1], reference="composition", floor="clone"))

@@ -48,6 +48,20 @@ bool built_with_cuda() {
 void* current_cuda_stream(const at::Device& device) {
   return c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(device).native_handle();
 }
+
+// The launchers' element type of a supported float dtype (is_supported_float).
+cuda::Dtype cuda_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kHalf:
+      return cuda::Dtype::kFloat16;
+    case at::kBFloat16:
+      return cuda::Dtype::kBFloat16;
+    case at::kDouble:
+      return cuda::Dtype::kFloat64;
+    default:
+      return cuda::Dtype::kFloat32;
+  }
+}
 #endif
 
 bool is_supported_float(at::ScalarType t) {
@@ -138,19 +152,6 @@ std::tuple<at::Tensor, at::Tensor> causal_block_mask_cpu(
 }
 
 #ifdef STREAMSSL_WITH_CUDA
-cuda::BlockMaskDtype block_mask_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kHalf:
-      return cuda::BlockMaskDtype::kFloat16;
-    case at::kBFloat16:
-      return cuda::BlockMaskDtype::kBFloat16;
-    case at::kDouble:
-      return cuda::BlockMaskDtype::kFloat64;
-    default:
-      return cuda::BlockMaskDtype::kFloat32;
-  }
-}
-
 // Same checks as the CPU kernel except the value of lengths: negative lengths count as 0 (the
 // rule's clamp), because looking at them on the host would synchronise the stream.
 std::tuple<at::Tensor, at::Tensor> causal_block_mask_cuda(
@@ -166,7 +167,7 @@ std::tuple<at::Tensor, at::Tensor> causal_block_mask_cuda(
   const char* err = cuda::launch_causal_block_mask(
       o.feats.data_ptr(), o.lengths.data_ptr<int64_t>(), o.emb.data_ptr(), o.masked.data_ptr(),
       o.mask.data_ptr<bool>(), o.feats.size(0), o.feats.size(1), o.feats.size(2),
-      block_mask_dtype(o.feats.scalar_type()), rule, current_cuda_stream(o.feats.device()));
+      cuda_dtype(o.feats.scalar_type()), rule, current_cuda_stream(o.feats.device()));
   TORCH_CHECK(err == nullptr, "causal_block_mask: CUDA kernel launch failed: ", err);
   return {o.masked, o.mask};
 }
@@ -312,19 +313,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> causal_dw
 }
 
 #ifdef STREAMSSL_WITH_CUDA
-cuda::DwconvLnDtype dwconv_ln_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kHalf:
-      return cuda::DwconvLnDtype::kFloat16;
-    case at::kBFloat16:
-      return cuda::DwconvLnDtype::kBFloat16;
-    case at::kDouble:
-      return cuda::DwconvLnDtype::kFloat64;
-    default:
-      return cuda::DwconvLnDtype::kFloat32;
-  }
-}
-
 cuda::DwconvLnProblem dwconv_ln_problem(const char* op, const at::Tensor& x,
                                         const at::Tensor& weight,
                                         const std::optional<at::Tensor>& bias,
@@ -334,11 +322,11 @@ cuda::DwconvLnProblem dwconv_ln_problem(const char* op, const at::Tensor& x,
   p.T = x.size(1);
   p.C = x.size(2);
   p.K = static_cast<int>(weight.size(1));
-  p.x_dtype = dwconv_ln_dtype(x.scalar_type());
-  p.weight_dtype = dwconv_ln_dtype(weight.scalar_type());
-  p.bias_dtype = dwconv_ln_dtype(bias.has_value() ? bias->scalar_type() : weight.scalar_type());
-  p.ln_weight_dtype = dwconv_ln_dtype(ln_weight.scalar_type());
-  p.ln_bias_dtype = dwconv_ln_dtype(ln_bias.scalar_type());
+  p.x_dtype = cuda_dtype(x.scalar_type());
+  p.weight_dtype = cuda_dtype(weight.scalar_type());
+  p.bias_dtype = cuda_dtype(bias.has_value() ? bias->scalar_type() : weight.scalar_type());
+  p.ln_weight_dtype = cuda_dtype(ln_weight.scalar_type());
+  p.ln_bias_dtype = cuda_dtype(ln_bias.scalar_type());
   const int64_t max_c = cuda::dwconv_ln_max_channels(p.x_dtype);
   TORCH_CHECK_VALUE(p.C <= max_c, op, ": x has C = ", p.C, " channels; the CUDA kernels take at most ",
               max_c, " for ", x.scalar_type());
@@ -500,24 +488,11 @@ at::Tensor dropout_cpu(const at::Tensor& x_in, double p, int64_t seed) {
 }
 
 #ifdef STREAMSSL_WITH_CUDA
-cuda::DropoutDtype dropout_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kHalf:
-      return cuda::DropoutDtype::kFloat16;
-    case at::kBFloat16:
-      return cuda::DropoutDtype::kBFloat16;
-    case at::kDouble:
-      return cuda::DropoutDtype::kFloat64;
-    default:
-      return cuda::DropoutDtype::kFloat32;
-  }
-}
-
 at::Tensor dropout_cuda(const at::Tensor& x_in, double p, int64_t seed) {
   const at::Tensor x = check_dropout_args(x_in, p);
   const c10::DeviceGuard guard(x.device());
   at::Tensor y = at::empty_like(x, at::MemoryFormat::Contiguous);
-  const char* err = cuda::launch_dropout(x.data_ptr(), y.data_ptr(), x.numel(), dropout_dtype(x.scalar_type()),
+  const char* err = cuda::launch_dropout(x.data_ptr(), y.data_ptr(), x.numel(), cuda_dtype(x.scalar_type()),
                                          make_dropout_rule(p, seed), current_cuda_stream(x.device()));
   TORCH_CHECK(err == nullptr, "philox_dropout: CUDA kernel launch failed: ", err);
   return y;

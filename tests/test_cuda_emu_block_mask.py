@@ -24,7 +24,7 @@ try:
 except ImportError:  # tests/ imported as a package
     from tests.cuda_emu import EmuError
 
-# streamssl::cuda::BlockMaskDtype (csrc/cuda/block_mask_launch.h): the launcher's dtypes.
+# streamssl::cuda::Dtype (csrc/cuda/block_mask_launch.h): the launcher's dtypes.
 DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
 DTYPES = tuple(DTYPE_CODE)
 SCHEDULES = ("forward", "reverse", "random:1")
@@ -328,5 +328,5 @@ def test_binding_rejects_bad_arguments(emu):
             emulate(emu, feats, lengths, emb, 0, 0, bad)
     out = torch.empty_like(feats)
     mask = torch.empty(2, 10, dtype=torch.bool)
-    with pytest.raises(EmuError, match="dtype must be a BlockMaskDtype code"):
+    with pytest.raises(EmuError, match="dtype must be a Dtype code"):
         emu.fn("emu_causal_block_mask", feats, lengths, emb, out, mask, 2, 10, 3, 7, 0, 0, *DEFAULTS.values())

@@ -9,14 +9,14 @@ namespace streamssl {
 namespace cuda {
 namespace {
 
-int64_t element_size(BlockMaskDtype dtype) {
+int64_t element_size(Dtype dtype) {
   switch (dtype) {
-    case BlockMaskDtype::kFloat64:
+    case Dtype::kFloat64:
       return 8;
-    case BlockMaskDtype::kFloat32:
+    case Dtype::kFloat32:
       return 4;
-    case BlockMaskDtype::kFloat16:
-    case BlockMaskDtype::kBFloat16:
+    case Dtype::kFloat16:
+    case Dtype::kBFloat16:
       return 2;
   }
   return 0;
@@ -26,7 +26,7 @@ int64_t element_size(BlockMaskDtype dtype) {
 
 const char* launch_causal_block_mask(const void* feats, const int64_t* lengths,
                                      const void* mask_embedding, void* masked, bool* mask,
-                                     int64_t B, int64_t T, int64_t F, BlockMaskDtype dtype,
+                                     int64_t B, int64_t T, int64_t F, Dtype dtype,
                                      const BlockMaskRule& rule, void* stream) {
   const int64_t elem = element_size(dtype);
   if (elem == 0) return "causal_block_mask: unknown dtype code";

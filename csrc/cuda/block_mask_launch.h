@@ -3,6 +3,8 @@
 #pragma once
 #include <stdint.h>
 
+#include "cuda/dtype.h"
+
 #include "common/block_mask_rule.h"
 
 namespace streamssl {
@@ -10,7 +12,6 @@ namespace cuda {
 
 // Element type of feats / mask_embedding / masked. The kernels copy bits, so only the size
 // matters; the code keeps the interface explicit about what the pointers hold.
-enum class BlockMaskDtype : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
 
 // Enqueues the scan and write kernels of causal_block_mask on `stream` (a cudaStream_t) of the
 // current device and returns without waiting. Pointers are device pointers to contiguous
@@ -19,7 +20,7 @@ enum class BlockMaskDtype : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFl
 // of the launch (a static string).
 const char* launch_causal_block_mask(const void* feats, const int64_t* lengths,
                                      const void* mask_embedding, void* masked, bool* mask,
-                                     int64_t B, int64_t T, int64_t F, BlockMaskDtype dtype,
+                                     int64_t B, int64_t T, int64_t F, Dtype dtype,
                                      const BlockMaskRule& rule, void* stream);
 
 }  // namespace cuda

@@ -9,10 +9,10 @@
 namespace streamssl {
 namespace cuda {
 
-const char* launch_dropout(const void* x, void* y, int64_t n, DropoutDtype dtype,
+const char* launch_dropout(const void* x, void* y, int64_t n, Dtype dtype,
                            const DropoutRule& rule, void* stream) {
   const StreamLaunch launch{static_cast<cudaStream_t>(stream)};
-  const int rc = dropout_kernels::run_dropout_any(x, y, n, static_cast<int>(dtype), rule, launch);
+  const int rc = dropout_kernels::run_dropout_any(x, y, n, dtype, rule, launch);
   return launch_status(rc, "kernel launch failed");
 }
 

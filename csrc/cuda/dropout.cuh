@@ -13,6 +13,7 @@
 
 #include "common/dropout_rule.h"
 #include "cuda/acc_types.cuh"
+#include "cuda/dropout_launch.h"
 #include "cuda/launch_config.h"
 
 namespace streamssl {
@@ -50,34 +51,38 @@ __global__ void dropout_kernel(const DropoutArgs<T, Acc> a) {
   }
 }
 
-inline LaunchConfig dropout_launch_config(int64_t blocks) {
+// max_grid caps the grid (kMaxBlocks on a GPU; the emulator tests pass a small cap to run the
+// grid-stride loop, which real sizes reach only far beyond what can be emulated).
+inline LaunchConfig dropout_launch_config(int64_t blocks, int64_t max_grid) {
   const int64_t grid = (blocks + kThreads - 1) / kThreads;
-  return LaunchConfig{dim3(static_cast<unsigned>(grid < 1 ? 1 : (grid < kMaxBlocks ? grid : kMaxBlocks))),
+  return LaunchConfig{dim3(static_cast<unsigned>(grid < 1 ? 1 : (grid < max_grid ? grid : max_grid))),
                       dim3(kThreads), 0};
 }
 
 // The launch sequence; `launch(kernel, config, args)` returns 0 on success.
 template <typename T, typename Acc, typename Launch>
-int run_dropout(const void* x, void* y, int64_t n, const DropoutRule& rule, Launch&& launch) {
+int run_dropout(const void* x, void* y, int64_t n, const DropoutRule& rule, Launch&& launch,
+                int64_t max_grid) {
   if (n == 0) return 0;
   const int64_t blocks = (n + kDropoutGroup - 1) / kDropoutGroup * kDropoutBlocksPerGroup;
   const DropoutArgs<T, Acc> a{static_cast<const T*>(x), static_cast<T*>(y), n, blocks, rule,
                               static_cast<Acc>(rule.scale)};
-  return launch(dropout_kernel<T, Acc>, dropout_launch_config(blocks), a);
+  return launch(dropout_kernel<T, Acc>, dropout_launch_config(blocks, max_grid), a);
 }
 
-// run_dropout for a dtype code.
+// run_dropout for a Dtype.
 template <typename Launch>
-int run_dropout_any(const void* x, void* y, int64_t n, int dtype, const DropoutRule& rule, Launch&& launch) {
+int run_dropout_any(const void* x, void* y, int64_t n, Dtype dtype, const DropoutRule& rule,
+                    Launch&& launch, int64_t max_grid = kMaxBlocks) {
   switch (dtype) {
-    case 1:
-      return run_dropout<__half, float>(x, y, n, rule, launch);
-    case 2:
-      return run_dropout<__nv_bfloat16, float>(x, y, n, rule, launch);
-    case 3:
-      return run_dropout<double, double>(x, y, n, rule, launch);
+    case Dtype::kFloat16:
+      return run_dropout<__half, float>(x, y, n, rule, launch, max_grid);
+    case Dtype::kBFloat16:
+      return run_dropout<__nv_bfloat16, float>(x, y, n, rule, launch, max_grid);
+    case Dtype::kFloat64:
+      return run_dropout<double, double>(x, y, n, rule, launch, max_grid);
     default:
-      return run_dropout<float, float>(x, y, n, rule, launch);
+      return run_dropout<float, float>(x, y, n, rule, launch, max_grid);
   }
 }
 

@@ -11,7 +11,7 @@ namespace streamssl {
 namespace cuda {
 namespace k = dwconv_ln_kernels;
 
-int64_t dwconv_ln_max_channels(DwconvLnDtype) { return k::kMaxChannels; }
+int64_t dwconv_ln_max_channels(Dtype) { return k::kMaxChannels; }
 
 size_t dwconv_ln_forward_workspace_bytes(const DwconvLnProblem& p) {
   return k::workspace_layout(p.B, p.T, p.C, p.K, static_cast<int>(p.x_dtype), false).total;
@@ -30,15 +30,15 @@ const char* launch_causal_dwconv_ln_forward(const DwconvLnProblem& p, const void
   const StreamLaunch launch{static_cast<cudaStream_t>(stream)};
   int rc;
   switch (p.x_dtype) {
-    case DwconvLnDtype::kFloat16:
+    case Dtype::kFloat16:
       rc = k::run_forward<__half, float>(p, x, weight, bias, ln_weight, ln_bias, cache, eps, swish, y,
                                          new_cache, mean, rstd, workspace, launch);
       break;
-    case DwconvLnDtype::kBFloat16:
+    case Dtype::kBFloat16:
       rc = k::run_forward<__nv_bfloat16, float>(p, x, weight, bias, ln_weight, ln_bias, cache, eps, swish,
                                                 y, new_cache, mean, rstd, workspace, launch);
       break;
-    case DwconvLnDtype::kFloat64:
+    case Dtype::kFloat64:
       rc = k::run_forward<double, double>(p, x, weight, bias, ln_weight, ln_bias, cache, eps, swish, y,
                                           new_cache, mean, rstd, workspace, launch);
       break;
@@ -59,17 +59,17 @@ const char* launch_causal_dwconv_ln_backward(const DwconvLnProblem& p, const voi
   const StreamLaunch launch{static_cast<cudaStream_t>(stream)};
   int rc;
   switch (p.x_dtype) {
-    case DwconvLnDtype::kFloat16:
+    case Dtype::kFloat16:
       rc = k::run_backward<__half, float>(p, grad_y, x, weight, bias, ln_weight, ln_bias, cache, mean, rstd,
                                           swish, grad_x, grad_weight, grad_bias, grad_ln_weight,
                                           grad_ln_bias, workspace, launch);
       break;
-    case DwconvLnDtype::kBFloat16:
+    case Dtype::kBFloat16:
       rc = k::run_backward<__nv_bfloat16, float>(p, grad_y, x, weight, bias, ln_weight, ln_bias, cache, mean,
                                                  rstd, swish, grad_x, grad_weight, grad_bias,
                                                  grad_ln_weight, grad_ln_bias, workspace, launch);
       break;
-    case DwconvLnDtype::kFloat64:
+    case Dtype::kFloat64:
       rc = k::run_backward<double, double>(p, grad_y, x, weight, bias, ln_weight, ln_bias, cache, mean, rstd,
                                            swish, grad_x, grad_weight, grad_bias, grad_ln_weight,
                                            grad_ln_bias, workspace, launch);

@@ -46,8 +46,8 @@ namespace dwconv_ln_kernels {
 
 namespace m = ::streamssl::dwconv_ln;
 
-// dtype codes (same values as DwconvLnDtype in dwconv_ln_launch.h).
-enum Dtype : int { kF32 = 0, kF16 = 1, kBF16 = 2, kF64 = 3 };
+// dtype codes (the values of cuda::Dtype in dtype.h, as plain ints for the kernels)
+enum DtypeCode : int { kF32 = 0, kF16 = 1, kBF16 = 2, kF64 = 3 };
 
 // ---------------------------------------------------------------------------------------------
 // Launch configurations (shared by dwconv_ln.cu and the emulator bindings)

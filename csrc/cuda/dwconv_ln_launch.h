@@ -8,23 +8,23 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "cuda/dtype.h"
+
 namespace streamssl {
 namespace cuda {
-
-enum class DwconvLnDtype : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
 
 struct DwconvLnProblem {
   int64_t B, T, C;
   int K;
-  DwconvLnDtype x_dtype;       // x, cache, y, new_cache, grad_y, grad_x
-  DwconvLnDtype weight_dtype;  // each parameter: x's dtype or float32 (float64 when x is)
-  DwconvLnDtype bias_dtype;    // ignored without bias
-  DwconvLnDtype ln_weight_dtype;
-  DwconvLnDtype ln_bias_dtype;
+  Dtype x_dtype;       // x, cache, y, new_cache, grad_y, grad_x
+  Dtype weight_dtype;  // each parameter: x's dtype or float32 (float64 when x is)
+  Dtype bias_dtype;    // ignored without bias
+  Dtype ln_weight_dtype;
+  Dtype ln_bias_dtype;
 };
 
 // Largest C the CUDA kernels take (a row lives in the registers of one thread block).
-int64_t dwconv_ln_max_channels(DwconvLnDtype x_dtype);
+int64_t dwconv_ln_max_channels(Dtype x_dtype);
 
 // Bytes of device workspace the forward / backward need (the caller allocates them, 16-byte
 // aligned, e.g. as a uint8 tensor from the caching allocator).

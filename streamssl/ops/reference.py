@@ -213,7 +213,7 @@ def dropout_factors(numel: int, p: float, seed: int, dtype: torch.dtype, device=
 
 
 def dropout(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-    """Counter-based dropout (docs/ARCHITECTURE.md, "Dropout"): x times its element's factor.
+    """Counter-based dropout (docs/ARCHITECTURE.md, "The fused ops"): x times its element's factor.
 
     The product runs in float32 for float16/bfloat16/float32 and in float64 for float64, and a
     dropped element is multiplied by 0 (NaN stays NaN). Differentiable: the gradient is the same

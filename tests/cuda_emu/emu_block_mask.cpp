@@ -21,7 +21,7 @@ namespace {
 
 namespace ck = streamssl::cuda_kernels;
 using streamssl::BlockMaskRule;
-using streamssl::cuda::BlockMaskDtype;
+using streamssl::cuda::Dtype;
 
 // The launch policy block_mask_enqueue takes: the .cu launcher's lambda with cuda_emu::launch.
 struct EmuLaunch {
@@ -31,15 +31,15 @@ struct EmuLaunch {
   }
 };
 
-// Element size of a BlockMaskDtype code, as element_size() in block_mask.cu; 0 for an unknown code.
+// Element size of a Dtype code, as element_size() in block_mask.cu; 0 for an unknown code.
 int64_t element_size(int64_t dtype) {
   switch (dtype) {
-    case static_cast<int64_t>(BlockMaskDtype::kFloat64):
+    case static_cast<int64_t>(Dtype::kFloat64):
       return 8;
-    case static_cast<int64_t>(BlockMaskDtype::kFloat32):
+    case static_cast<int64_t>(Dtype::kFloat32):
       return 4;
-    case static_cast<int64_t>(BlockMaskDtype::kFloat16):
-    case static_cast<int64_t>(BlockMaskDtype::kBFloat16):
+    case static_cast<int64_t>(Dtype::kFloat16):
+    case static_cast<int64_t>(Dtype::kBFloat16):
       return 2;
     default:
       return 0;
@@ -57,7 +57,7 @@ int check_args(int64_t B, int64_t T, int64_t F, int64_t dtype, double mask_prob,
     return cuda_emu::invalid_argument("T must be in [0, 2^31), got %lld", (long long)T);
   if (F < 0) return cuda_emu::invalid_argument("F must be >= 0, got %lld", (long long)F);
   if (element_size(dtype) == 0)
-    return cuda_emu::invalid_argument("dtype must be a BlockMaskDtype code (0..3), got %lld", (long long)dtype);
+    return cuda_emu::invalid_argument("dtype must be a Dtype code (0..3), got %lld", (long long)dtype);
   if (!(mask_prob >= 0.0 && mask_prob <= 1.0))
     return cuda_emu::invalid_argument("mask_prob must be in [0, 1], got %g", mask_prob);
   if (!(max_mask_ratio >= 0.0 && max_mask_ratio <= 1.0))
@@ -107,7 +107,7 @@ ck::BlockMaskLaunchConfig config_for(const void* feats, const void* emb, void* m
 
 // causal_block_mask on raw CPU pointers, exactly as launch_causal_block_mask enqueues it: feats and
 // masked (B, T, F), mask_embedding (F,), lengths (B,) int64, mask (B, T) bool; dtype a
-// BlockMaskDtype code; the op's arguments, turned into the rule by make_block_mask_rule as ops.cpp
+// Dtype code; the op's arguments, turned into the rule by make_block_mask_rule as ops.cpp
 // does.
 CUDA_EMU_BINDING(emu_causal_block_mask, EMU_BLOCK_MASK_PARAMS) {
   EMU_BLOCK_MASK_CHECK_AND_RULE;
@@ -156,7 +156,7 @@ CUDA_EMU_BINDING(emu_causal_block_mask_mutant, EMU_BLOCK_MASK_PARAMS, int64_t mu
 CUDA_EMU_BINDING(emu_block_mask_launch_config, const void* feats, const void* mask_embedding, void* masked,
                  int64_t B, int64_t T, int64_t F, int64_t dtype, int64_t* out) {
   if (element_size(dtype) == 0)
-    return cuda_emu::invalid_argument("dtype must be a BlockMaskDtype code (0..3), got %lld", (long long)dtype);
+    return cuda_emu::invalid_argument("dtype must be a Dtype code (0..3), got %lld", (long long)dtype);
   const ck::BlockMaskLaunchConfig c = config_for(feats, mask_embedding, masked, B, T, F, dtype);
   const int64_t values[] = {c.scan_grid.x, c.scan_block.x, c.write_grid.x, c.write_block.x, int64_t(c.smem_bytes),
                             c.vec_bytes,   c.vecs_per_row,  c.n_vecs,       c.index32,       element_size(dtype)};

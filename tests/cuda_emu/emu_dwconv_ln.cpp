@@ -6,7 +6,7 @@
 #include "emu_launch.h"
 
 namespace k = streamssl::cuda::dwconv_ln_kernels;
-using streamssl::cuda::DwconvLnDtype;
+using streamssl::cuda::Dtype;
 using streamssl::cuda::DwconvLnProblem;
 
 namespace {
@@ -26,11 +26,11 @@ int make_problem(int64_t B, int64_t T, int64_t C, int64_t K, int64_t x_dtype, in
   p->T = T;
   p->C = C;
   p->K = static_cast<int>(K);
-  p->x_dtype = static_cast<DwconvLnDtype>(x_dtype);
-  p->weight_dtype = static_cast<DwconvLnDtype>(w_dtype);
-  p->bias_dtype = static_cast<DwconvLnDtype>(b_dtype);
-  p->ln_weight_dtype = static_cast<DwconvLnDtype>(lw_dtype);
-  p->ln_bias_dtype = static_cast<DwconvLnDtype>(lb_dtype);
+  p->x_dtype = static_cast<Dtype>(x_dtype);
+  p->weight_dtype = static_cast<Dtype>(w_dtype);
+  p->bias_dtype = static_cast<Dtype>(b_dtype);
+  p->ln_weight_dtype = static_cast<Dtype>(lw_dtype);
+  p->ln_bias_dtype = static_cast<Dtype>(lb_dtype);
   return 0;
 }
 
@@ -61,13 +61,13 @@ CUDA_EMU_BINDING(emu_dwconv_ln_forward, const void* x, const void* weight, const
   if (int rc = make_problem(B, T, C, K, x_dtype, w_dtype, b_dtype, lw_dtype, lb_dtype, &p)) return rc;
   const EmuLaunch launch;
   switch (p.x_dtype) {
-    case DwconvLnDtype::kFloat16:
+    case Dtype::kFloat16:
       return k::run_forward<__half, float>(p, x, weight, bias, ln_weight, ln_bias, cache, eps, swish != 0, y,
                                            new_cache, mean, rstd, workspace, launch);
-    case DwconvLnDtype::kBFloat16:
+    case Dtype::kBFloat16:
       return k::run_forward<__nv_bfloat16, float>(p, x, weight, bias, ln_weight, ln_bias, cache, eps, swish != 0,
                                                   y, new_cache, mean, rstd, workspace, launch);
-    case DwconvLnDtype::kFloat64:
+    case Dtype::kFloat64:
       return k::run_forward<double, double>(p, x, weight, bias, ln_weight, ln_bias, cache, eps, swish != 0, y,
                                             new_cache, mean, rstd, workspace, launch);
     default:
@@ -86,15 +86,15 @@ CUDA_EMU_BINDING(emu_dwconv_ln_backward, const void* grad_y, const void* x, cons
   const EmuLaunch launch;
   const bool sw = swish != 0;
   switch (p.x_dtype) {
-    case DwconvLnDtype::kFloat16:
+    case Dtype::kFloat16:
       return k::run_backward<__half, float>(p, grad_y, x, weight, bias, ln_weight, ln_bias, cache, mean, rstd, sw,
                                             grad_x, grad_weight, grad_bias, grad_ln_weight, grad_ln_bias,
                                             workspace, launch);
-    case DwconvLnDtype::kBFloat16:
+    case Dtype::kBFloat16:
       return k::run_backward<__nv_bfloat16, float>(p, grad_y, x, weight, bias, ln_weight, ln_bias, cache, mean,
                                                    rstd, sw, grad_x, grad_weight, grad_bias, grad_ln_weight,
                                                    grad_ln_bias, workspace, launch);
-    case DwconvLnDtype::kFloat64:
+    case Dtype::kFloat64:
       return k::run_backward<double, double>(p, grad_y, x, weight, bias, ln_weight, ln_bias, cache, mean, rstd, sw,
                                              grad_x, grad_weight, grad_bias, grad_ln_weight, grad_ln_bias,
                                              workspace, launch);
