@@ -684,7 +684,8 @@ def test_selftest_kernels_compile_with_nvcc():
            "-gencode", "arch=compute_90,code=sm_90", *TORCH_NVCC_DEFINES, "--expt-relaxed-constexpr"]
     version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
     h = hashlib.sha256(("\0".join(cmd) + version).encode())
-    for p in [src, EMU_DIR / "selftest_kernels.cuh", *sorted(CSRC_DIR.rglob("*.h"))]:
+    # The kernels include csrc headers of both kinds (common/*.h, cuda/acc_types.cuh).
+    for p in [src, EMU_DIR / "selftest_kernels.cuh", *sorted(CSRC_DIR.rglob("*.h")), *sorted(CSRC_DIR.rglob("*.cuh"))]:
         h.update(p.read_bytes())
     stamp = cache_dir() / f"nvcc-selftest-{h.hexdigest()[:20]}.ok"
     if stamp.exists():

@@ -14,6 +14,7 @@
 #include <cstdint>
 
 #include "common/macros.h"
+#include "cuda/acc_types.cuh"
 
 namespace streamssl_emu_selftest {
 
@@ -30,19 +31,11 @@ inline unsigned clamp_grid(int64_t blocks, unsigned cap) {
   return blocks < 1 ? 1u : (blocks > int64_t(cap) ? cap : unsigned(blocks));
 }
 
-// Storage type <-> float, written with the explicit conversion functions: PyTorch's nvcc flags
-// (__CUDA_NO_HALF_CONVERSIONS__ & co.) remove the implicit ones.
-STREAMSSL_DEVICE float to_float(float x) { return x; }
-STREAMSSL_DEVICE float to_float(__half x) { return __half2float(x); }
-STREAMSSL_DEVICE float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <class T>
-STREAMSSL_DEVICE T from_float(float x);
-template <>
-STREAMSSL_DEVICE float from_float<float>(float x) { return x; }
-template <>
-STREAMSSL_DEVICE __half from_float<__half>(float x) { return __float2half_rn(x); }
-template <>
-STREAMSSL_DEVICE __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+// Storage type <-> float through the kernels' own helpers (csrc/cuda/acc_types.cuh), written
+// with the explicit conversion functions: PyTorch's nvcc flags (__CUDA_NO_HALF_CONVERSIONS__ & co.)
+// remove the implicit ones.
+using ::streamssl::cuda::from_acc;
+using ::streamssl::cuda::to_acc;
 
 // ---- 1. Block reduction through static __shared__ memory and __syncthreads --------------------
 constexpr int kSumBlock = 256;
@@ -261,7 +254,7 @@ __global__ void index_kernel(int* out) {
 template <class From, class To>
 __global__ void convert_kernel(const From* STREAMSSL_RESTRICT x, To* STREAMSSL_RESTRICT y, int64_t n) {
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
-    y[i] = from_float<To>(to_float(x[i]));
+    y[i] = from_acc<To>(to_acc(x[i]));
 }
 
 // y = double rounded straight to half (kind 0) or bfloat16 (kind 1), as __double2half does.
