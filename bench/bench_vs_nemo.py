@@ -11,6 +11,7 @@ and run this file with that interpreter, streamssl taken from the checkout:
     PYTHONPATH=$PWD ~/.cache/nemo-venv/bin/python -m pytest bench/bench_vs_nemo.py --benchmark-only \
         -q     # BENCH_THREADS=2 torch threads (default); BENCH_ROUNDS=n overrides every case's rounds
                # BENCH_HOST_MEMORY=keep (default) | default: glibc thresholds for both sides
+               # BENCH_PRECISION=fp32 (default) | bf16: both sides under CPU bf16 autocast
 
 On a machine another job keeps busy, use BENCH_THREADS=1: with 2 threads every parallel op waits
 for a descheduled thread and both sides' times swing by 2-50x between runs (bench/RESULTS.md).
@@ -85,6 +86,11 @@ if HOST_MEMORY == "keep":
     from streamssl.train.host_memory import keep_freed_host_memory  # noqa: E402
 
     keep_freed_host_memory()
+# BENCH_PRECISION=bf16 runs every case of both sides under torch.autocast("cpu", bfloat16), as
+# streamssl's trainer.precision=bf16 does on a CPU (worth it where the CPU has AMX).
+PRECISION = os.environ.get("BENCH_PRECISION", "fp32")
+if PRECISION not in ("fp32", "bf16"):
+    raise ValueError(f"BENCH_PRECISION: expected fp32 or bf16, got {PRECISION!r}")
 B, SECONDS, SR = 8, 4.0, 16000
 FRAMES = int(SECONDS * 100)  # 10 ms hop
 ENC_FRAMES = FRAMES // 8
@@ -117,7 +123,7 @@ def _ratio_table(request):
                          "ratio": t["nemo"] / t["streamssl"], "note": NOTES.get(group, "")})
     if not rows:
         return
-    lines = [f"NeMo / streamssl (medians; {THREADS} threads, streaming 1; host memory {HOST_MEMORY})",
+    lines = [f"NeMo / streamssl (medians; {THREADS} threads, streaming 1; host memory {HOST_MEMORY}; {PRECISION})",
              f"{'case':<46s} {'NeMo ms':>10s} {'streamssl ms':>13s} {'ratio':>7s}"]
     lines += [f"{r['group']:<46s} {r['nemo_ms']:10.1f} {r['streamssl_ms']:13.1f} {r['ratio']:7.2f}" for r in rows]
     with request.config.pluginmanager.getplugin("capturemanager").global_and_fixture_disabled():
@@ -135,6 +141,12 @@ def _run(benchmark, group, impl, fn, rounds=5, note=""):
         benchmark.extra_info["note"] = note
         NOTES[group] = note
     rounds = int(os.environ.get("BENCH_ROUNDS", rounds))
+    if PRECISION == "bf16":
+        plain = fn
+
+        def fn():
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return plain()
     benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=1)
     MEDIANS.setdefault(group, {})[impl] = benchmark.stats.stats.median
 

@@ -107,14 +107,18 @@ def build(config: str):
     return model, opt, fused
 
 
-def make_step(model, opt):
+def make_step(model, opt, precision: str = "fp32"):
+    """One training step on a fixed batch; precision "bf16" runs it under CPU bfloat16 autocast, as
+    trainer.precision=bf16 does on a CPU."""
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
     g = torch.Generator().manual_seed(0)
     n = int(SR * SECONDS)
     audio = 0.1 * torch.randn(B, n, generator=g)
     lengths = torch.full((B,), n, dtype=torch.int64)
 
     def step():
-        out = model(audio, lengths, generator=torch.Generator().manual_seed(0))
+        with autocast:
+            out = model(audio, lengths, generator=torch.Generator().manual_seed(0))
         with torch.profiler.record_function("stage: backward"):
             out["loss"].backward()
         with torch.profiler.record_function("stage: optimiser"):
@@ -123,9 +127,9 @@ def make_step(model, opt):
     return step
 
 
-def profile(config: str, steps: int) -> dict:
+def profile(config: str, steps: int, precision: str = "fp32") -> dict:
     model, opt, fused = build(config)
-    step = make_step(model, opt)
+    step = make_step(model, opt, precision)
     step()  # warm-up: optimiser state, allocator, the C++ extension
     walls = []
     for _ in range(steps):
@@ -148,7 +152,7 @@ def profile(config: str, steps: int) -> dict:
     top = ("features", "quantizer/targets", "masking", "subsampling", "layers", "head + loss", "backward", "optimiser")
     ms["other"] = 1e3 * profiled - sum(ms.get(k, 0.0) for k in top)
     return {
-        "config": config, "torch": torch.__version__, "threads": torch.get_num_threads(), "steps": steps,
+        "config": config, "precision": precision, "torch": torch.__version__, "threads": torch.get_num_threads(), "steps": steps,
         "fused_adamw": fused, "wall_ms_median": 1e3 * statistics.median(walls), "profiled_ms": 1e3 * profiled,
         "stages_ms": ms, "backward_nodes_ms": dict(sorted(nodes.items(), key=lambda kv: -kv[1])[:8]),
     }
@@ -162,7 +166,7 @@ def table(r: dict) -> str:
             ("  conv module", s.get("conv")), ("  feed-forward", s.get("feed-forward")),
             ("  norms, residuals, dropout", s.get("layers: rest")), ("head + loss", s.get("head + loss")),
             ("backward", s.get("backward")), ("optimiser", s.get("optimiser")), ("other", s.get("other"))]
-    lines = [f"{r['config']}: {r['threads']} threads, fused AdamW {r['fused_adamw']}, "
+    lines = [f"{r['config']}: {r['threads']} threads, {r.get('precision', 'fp32')}, fused AdamW {r['fused_adamw']}, "
              f"step {r['wall_ms_median']:.0f} ms (median of {r['steps']}, no profiler), {total:.0f} ms profiled",
              "| stage | ms / step | share |", "|---|---:|---:|"]
     lines += [f"| {k} | {v:.1f} | {100 * v / total:.1f} % |" for k, v in rows if v is not None]
@@ -176,10 +180,12 @@ def main():
     ap.add_argument("--config", choices=sorted(CONFIGS), default="seed")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                    help="bf16: the step under CPU bfloat16 autocast (trainer.precision=bf16)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    r = profile(a.config, a.steps)
+    r = profile(a.config, a.steps, a.precision)
     print(table(r))
     if a.json:
         with open(a.json, "w") as f:

@@ -160,7 +160,7 @@ class TrainerConfig:
     accumulate_grad_batches: int = 1
     keep_last: int = 3
     device: str = "auto"  # auto | cpu | cuda
-    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 (also on CPU: AMX) | fp32
     progress: bool = True  # tqdm bar on rank 0
     # Steps whose gradient is NaN/inf are skipped; this many in a row stop the run.
     max_nonfinite_steps: int = 10

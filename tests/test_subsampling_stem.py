@@ -156,3 +156,26 @@ def test_the_fused_stem_is_not_used_when_the_features_need_a_gradient():
     x = torch.randn(2, 1, 40, 80, requires_grad=True)
     assert not m._fused_stem_applies(x)
     assert not CausalStridingSubsampling(80, 64, 2, 32)._fused_stem_applies(x.detach())  # one stage only
+
+
+def test_cpu_autocast_runs_the_convolutions_in_float32(monkeypatch):
+    """Under CPU bf16 autocast the convolution stages run in float32 (the same bits as without
+    autocast, fused stem included) and only the projection after them follows autocast; the
+    streaming step does the same."""
+    from streamssl.nn.subsampling import CausalStridingSubsampling
+
+    torch.manual_seed(0)
+    m = CausalStridingSubsampling(80, 64, 8, 32)
+    feats, lengths = torch.randn(2, 64, 80), torch.tensor([64, 50])
+    seen = []
+    project = m._project
+    monkeypatch.setattr(m, "_project", lambda x: seen.append(x) or project(x))
+    plain = m(feats, lengths)[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = m(feats, lengths)[0]
+        m.eval()
+        cache = m.init_cache(2)
+        m.step(feats[:, :8], torch.tensor([8, 8]), cache)
+    assert plain.dtype == torch.float32 and mixed.dtype == torch.bfloat16
+    assert seen[1].dtype == torch.float32 and torch.equal(seen[0], seen[1])
+    assert seen[2].dtype == torch.float32

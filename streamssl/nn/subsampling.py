@@ -23,12 +23,30 @@ Padded time frames are zeroed before every stage so nothing in the padding reach
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 _KERNEL, _STRIDE = 3, 2
 _CACHE = 1  # input frames of left context per stage (kernel 3 centred on 2t: 2t - 1 ... 2t + 1)
+
+
+@contextlib.contextmanager
+def _convolutions_in_float32(x: torch.Tensor):
+    """Yields the dtype the convolution stages run in: x's, or float32 under CPU autocast.
+
+    oneDNN's bfloat16 backward of these stride-2 and depthwise convolutions was ~8x slower than its
+    float32 one on an AMX Xeon (bench/RESULTS.md), so with CPU autocast on the stages run in float32
+    with autocast off (which also lets the fused stem backward serve); the projection after them
+    follows autocast. On CUDA autocast applies as usual.
+    """
+    if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        with torch.autocast("cpu", enabled=False):
+            yield torch.float32 if x.dtype in (torch.bfloat16, torch.float16) else x.dtype
+    else:
+        yield x.dtype
 
 
 def _ceil_div(x, d: int):
@@ -183,15 +201,16 @@ class CausalStridingSubsampling(nn.Module):
         # The features' padding may hold anything (a caller's own tensor): select zeros there.
         # Each stage but the last zeroes its own padded output frames (the next stage's input),
         # together with its ReLU; those frames are finite, made from zeroed input.
-        x = _zero_padding(feats.unsqueeze(1), lengths)  # (B, 1, T, F)
-        last = len(self.convs) - 1
-        first = 0
-        if self._fused_stem_applies(x):
-            x, lengths = self._stem(x, lengths, last)
-            first = 2
-        for s in range(first, len(self.convs)):
-            lengths = _ceil_div(lengths, 2)
-            x = self._stage(s, x, _CACHE, None if s == last else lengths)
+        with _convolutions_in_float32(feats) as dtype:
+            x = _zero_padding(feats.unsqueeze(1).to(dtype), lengths)  # (B, 1, T, F)
+            last = len(self.convs) - 1
+            first = 0
+            if self._fused_stem_applies(x):
+                x, lengths = self._stem(x, lengths, last)
+                first = 2
+            for s in range(first, len(self.convs)):
+                lengths = _ceil_div(lengths, 2)
+                x = self._stage(s, x, _CACHE, None if s == last else lengths)
         return self._project(x), lengths
 
     def _fused_stem_applies(self, x: torch.Tensor) -> bool:
@@ -241,12 +260,13 @@ class CausalStridingSubsampling(nn.Module):
         Returns:
             (B, c, d_model) the encoder frames whose last input frame is in this chunk, and the new cache.
         """
-        x = chunk.unsqueeze(1)
         lengths = chunk_lengths
         new_cache = []
-        for s in range(len(self.convs)):
-            x = torch.cat([cache[s].to(x.dtype), _zero_padding(x, lengths)], dim=2)
-            new_cache.append(x[:, :, -_CACHE:].detach())
-            x = self._stage(s, x, 0)
-            lengths = _ceil_div(lengths, 2)
+        with _convolutions_in_float32(chunk) as dtype:
+            x = chunk.unsqueeze(1).to(dtype)
+            for s in range(len(self.convs)):
+                x = torch.cat([cache[s].to(x.dtype), _zero_padding(x, lengths)], dim=2)
+                new_cache.append(x[:, :, -_CACHE:].detach())
+                x = self._stage(s, x, 0)
+                lengths = _ceil_div(lengths, 2)
         return self._project(x), new_cache
