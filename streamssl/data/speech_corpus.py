@@ -17,14 +17,16 @@ Splits (NeMo manifests, paths relative to the manifest; audio as 16-bit FLAC)::
     speakers.json  every voice and its split
 
 No voice variant of val or test occurs in pretrain or train, and no val/test sentence occurs in
-pretrain or train. The bytes are a function of the arguments and the installed eSpeak NG data
-(synthesis is deterministic for a given call sequence).
+pretrain or train. The bytes are a function of the arguments and the installed eSpeak NG: each
+utterance seeds eSpeak NG's noise generator (breathy and whispering voices) from (seed, split,
+index), and the utterances are rendered in a fixed order.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -36,7 +38,7 @@ from .tts import Espeak, Voice
 __all__ = ["SpeechCorpus", "make_speech_corpus", "corpus_voices", "CORPUS_VERSION"]
 
 SAMPLE_RATE = 16000
-CORPUS_VERSION = 1  # bump when the corpus changes, so cached copies are rebuilt
+CORPUS_VERSION = 2  # bump when the corpus changes, so cached copies are rebuilt (2: seeded noise)
 _ACCENTS = ("en", "en-us", "en-gb-x-rp", "en-gb-scotland", "en-029", "en-us-nyc", "en-gb-x-gbclan",
             "en-gb-x-gbcwmd")
 # Variants whose output is not a plain voice (whispered, heavily robotic) stay out of the held-out
@@ -142,6 +144,10 @@ def make_speech_corpus(out_dir: str | os.PathLike, seed: int = 0, n_pretrain: in
         "test": (n_test, voices["test"], held[n_val:], (1, 2), True),
     }
     tts = Espeak(SAMPLE_RATE)
+    if not tts.seed(0):
+        warnings.warn("eSpeak NG older than 1.52 cannot seed its noise generator: the breathy and whispering "
+                      "voices of the corpus will differ from build to build (pip install -U espeakng-loader)",
+                      RuntimeWarning, stacklevel=2)
     bar = None
     if progress:
         from tqdm import tqdm
@@ -158,6 +164,7 @@ def make_speech_corpus(out_dir: str | os.PathLike, seed: int = 0, n_pretrain: in
             chosen = [texts[int(j)] for j in rng.choice(len(texts), size=k, replace=False)] \
                 if split in ("pretrain", "train") else [texts[i % len(texts)]]
             rel = f"{split}/{split}_{i:05d}.flac"
+            tts.seed(((seed * 8 + split_id) * 1_000_003 + i) % 2**31)
             n = _write_flac(os.path.join(root, rel), _render(tts, voice, chosen, rng))
             line = {"audio_filepath": rel, "duration": n / SAMPLE_RATE}
             if transcribed:

@@ -1,8 +1,9 @@
 """Speech synthesis with eSpeak NG through the ``espeakng-loader`` wheel (its own library and voices).
 
 Only what the transcribed demo corpus needs: a voice (language + variant), pitch, pitch range and
-speaking rate, and ``synthesize(text) -> float32 audio at 16 kHz``. libespeak-ng keeps global
-state, so one ``Espeak`` object serves a process; it is not thread-safe.
+speaking rate, a seed for the noise of breathy voices, and ``synthesize(text) -> float32 audio at
+16 kHz``. libespeak-ng keeps global state, so one ``Espeak`` object serves a process; it is not
+thread-safe.
 
 Why a wheel and not the system's espeak-ng: the corpus must be made on a fresh machine from pip
 packages alone, with the same voices everywhere.
@@ -88,6 +89,12 @@ class Espeak:
 
         self._callback = _CALLBACK(collect)  # kept alive as long as the handle
         lib.espeak_SetSynthCallback(self._callback)
+        # The breathy and whispering variants mix in noise from eSpeak NG's own generator, whose
+        # state otherwise differs from process to process (measured: 7 % of the demo corpus's files
+        # changed between two builds). espeak_ng_SetRandSeed exists from eSpeak NG 1.52 on.
+        self._set_rand_seed = getattr(lib, "espeak_ng_SetRandSeed", None)
+        if self._set_rand_seed is not None:
+            self._set_rand_seed.argtypes = [ctypes.c_long]
 
     def set_voice(self, voice: Voice) -> None:
         """Select the voice for the next ``synthesize`` calls. Raises ValueError for an unknown voice."""
@@ -96,6 +103,17 @@ class Espeak:
         for param, value in ((_RATE, voice.rate), (_PITCH, voice.pitch), (_RANGE, voice.pitch_range),
                              (_WORDGAP, voice.word_gap)):
             self._lib.espeak_SetParameter(param, int(value), 0)
+
+    def seed(self, value: int) -> bool:
+        """Seed eSpeak NG's noise generator for the next ``synthesize`` calls; returns False where the
+        library cannot be seeded (older than eSpeak NG 1.52), so that noisy voices vary between runs.
+
+        With a seed, the audio is a function of the sequence of calls since ``Espeak()`` (the
+        synthesiser also keeps filter state from one utterance to the next)."""
+        if self._set_rand_seed is None:
+            return False
+        self._set_rand_seed(int(value) % 2**31)
+        return True
 
     def synthesize(self, text: str) -> np.ndarray:
         """Render ``text`` with the current voice: (N,) float32 in [-1, 1) at ``sample_rate``."""
