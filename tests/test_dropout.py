@@ -23,13 +23,13 @@ from streamssl.ops import reference
 
 HAS_EXTENSION = ops.backend() != "reference"
 needs_extension = pytest.mark.skipif(not HAS_EXTENSION, reason="the C++ extension is not built")
-BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal dtype, shape and bytes (so -0 differs from 0 and NaN payloads count)."""
     return a.dtype == b.dtype and a.shape == b.shape and torch.equal(
-        a.contiguous().view(BITS[a.element_size()]), b.contiguous().view(BITS[b.element_size()])
+        a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8)
     )
 
 
